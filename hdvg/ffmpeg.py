@@ -1,0 +1,184 @@
+"""Running ffmpeg safely: a resolved binary, `-nostdin`, timeouts that kill the process group.
+
+Every external call goes through `run()` or `FrameReader`, so a hanging or hostile input
+costs one failed row (reason `timeout` / `decode_error`), never the job.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class FFmpegError(RuntimeError):
+    """ffmpeg failed on one input; `reason` is the stable manifest code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@functools.lru_cache(maxsize=1)
+def ffmpeg_exe() -> str:
+    """$HDVG_FFMPEG, else the binary shipped by imageio-ffmpeg (pinned, has libx264), else PATH."""
+    env = os.environ.get("HDVG_FFMPEG")
+    if env:
+        return env
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:  # noqa: BLE001 - fall back to PATH below
+        pass
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise RuntimeError("no ffmpeg found: pip install imageio-ffmpeg, or set HDVG_FFMPEG")
+    return exe
+
+
+@functools.lru_cache(maxsize=1)
+def ffmpeg_version() -> str:
+    out = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-version"], capture_output=True, text=True, timeout=30
+    )
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(args: list[str], timeout_s: float, *, what: str = "ffmpeg") -> subprocess.CompletedProcess:
+    """Run `ffmpeg ARGS` with no stdin; kill its whole process group after `timeout_s`."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", *args]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # own process group: a timeout kills ffmpeg and its children
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
+        raise FFmpegError("timeout", f"{what} exceeded {timeout_s:.0f}s") from None
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        raise FFmpegError("ffmpeg_error", f"{what} exited {proc.returncode}: {' | '.join(tail)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+_SHOWINFO = re.compile(r"\bn:\s*(\d+)\s+pts:\s*(-?\d+)\s+pts_time:(-?[\d.e+-]+).*?\biskey:(\d)")
+
+
+@dataclass
+class DecodedFrames:
+    """What one decode pass learned: per-frame presentation times and keyframe flags."""
+
+    pts_time: list[float] = field(default_factory=list)
+    is_key: list[bool] = field(default_factory=list)
+
+
+class FrameReader:
+    """Decode a video once with ffmpeg into small BGR frames plus their exact timestamps.
+
+    Frames come from ffmpeg's stdout as raw bgr24; `showinfo` (placed before the scaler so it
+    sees the decoder's keyframe flags) prints each frame's pts on stderr. Passing timestamps
+    through (`-fps_mode passthrough`) keeps variable-frame-rate sources exact. A watchdog
+    kills ffmpeg when no frame arrives for `stall_s` or the whole decode exceeds `timeout_s`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        width: int,
+        height: int,
+        *,
+        timeout_s: float,
+        stall_s: float,
+        threads: int = 1,
+    ):
+        self.path, self.width, self.height = path, width, height
+        self.timeout_s, self.stall_s, self.threads = timeout_s, stall_s, threads
+        self.info = DecodedFrames()
+        self._stderr_tail: list[str] = []
+        self._killed_reason: str | None = None
+
+    def _read_stderr(self, stream) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            m = _SHOWINFO.search(line)
+            if m:
+                self.info.pts_time.append(float(m.group(3)))
+                self.info.is_key.append(m.group(4) == "1")
+            elif "Parsed_showinfo" not in line:
+                self._stderr_tail = (self._stderr_tail + [line.strip()])[-5:]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        vf = f"showinfo=checksum=0,scale={self.width}:{self.height}:flags=fast_bilinear"
+        cmd = [
+            ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "info",
+            "-threads", str(self.threads), "-i", self.path,
+            "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-fps_mode", "passthrough",
+            "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        err_thread = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
+        err_thread.start()
+        start = last = time.monotonic()
+        done = threading.Event()
+
+        def watchdog() -> None:
+            while not done.wait(0.5):
+                now = time.monotonic()
+                if now - start > self.timeout_s:
+                    self._killed_reason = f"decode exceeded {self.timeout_s:.0f}s"
+                elif now - last > self.stall_s:
+                    self._killed_reason = f"decode made no progress for {self.stall_s:.0f}s"
+                else:
+                    continue
+                _kill_group(proc)
+                return
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        frame_bytes = self.width * self.height * 3
+        try:
+            while True:
+                buf = proc.stdout.read(frame_bytes)
+                if len(buf) < frame_bytes:
+                    break
+                last = time.monotonic()
+                yield np.frombuffer(buf, np.uint8).reshape(self.height, self.width, 3)
+        finally:
+            done.set()
+            if proc.poll() is None:
+                # consumer stopped early (or errored): don't leave ffmpeg running
+                _kill_group(proc)
+            proc.stdout.close()
+            proc.wait()
+            err_thread.join(timeout=5)
+        if self._killed_reason:
+            raise FFmpegError("timeout", self._killed_reason)
+        if proc.returncode != 0:
+            raise FFmpegError("decode_error", " | ".join(self._stderr_tail[-3:]) or "decode failed")

@@ -1,0 +1,186 @@
+"""One source, end to end, without Ray: download → probe → scenes → pre-cut filters →
+cut → post-cut CPU stages. The runner maps this over sources; model stages run after it
+on actor pools through `apply_stages`.
+
+Every failure becomes a row with a reason; only programmer errors raise.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import PIPELINE_VERSION
+from .config import PipelineConfig
+from .cut import cut_clip, plan_cut
+from .download import DownloadError, fetch
+from .ffmpeg import FFmpegError
+from .probe import ProbeError, probe
+from .records import Clip, FrameSample, SourceRecord, SourceResult, SourceTask, clip_key
+from .scenes import SceneResult, detect_scenes
+from .stages import Stage, StageContext, build_stage
+
+
+def build_stages(cfg: PipelineConfig, section: str) -> list[Stage]:
+    return [build_stage(name, params) for name, params in getattr(cfg, section).items()]
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+class SourceProcessor:
+    """Holds the config and the CPU stages (set up once per worker)."""
+
+    def __init__(self, cfg: PipelineConfig, out_dir: str):
+        self.cfg = cfg
+        self.work = Path(out_dir) / ".work"
+        self.meta_stages = build_stages(cfg, "filters")
+        self.clip_stages = [s for s in build_stages(cfg, "clip_stages") if not s.uses_model]
+        for s in self.meta_stages + self.clip_stages:
+            s.setup()
+
+    def __call__(self, task: SourceTask) -> SourceResult:
+        cfg = self.cfg
+        rec = SourceRecord(
+            task.source_id, task.url, task.order, input_id=task.input_id,
+            input_caption=task.input_caption,
+        )  # fmt: skip
+        result = SourceResult(rec)
+        tm = rec.timings
+        fetched = None
+        try:
+            with timed(tm, "download"):
+                dest = self.work / "downloads" / f"{task.source_id}.bin"
+                fetched = fetch(task.url, dest, cfg.download)
+            rec.size_bytes, rec.sha256 = fetched.size_bytes, fetched.sha256
+            with timed(tm, "probe"):
+                rec.probe = probe(fetched.path, cfg.probe)
+            with timed(tm, "scenes"):
+                scenes = detect_scenes(
+                    str(fetched.path), rec.probe, cfg.scenes, task.given_scenes,
+                    task.start_s, task.end_s,
+                )  # fmt: skip
+            rec.n_frames, rec.n_scenes = scenes.n_frames, len(scenes.spans)
+            if scenes.n_frames == 0:
+                rec.fail("no_scenes", "no frames decoded")
+                return result
+            result.clips = self._candidates(task, rec, scenes)
+            ctx = [StageContext(rec.probe)] * len(result.clips)
+            with timed(tm, "filter"):
+                for stage in self.meta_stages:
+                    stage.process_batch(result.clips, ctx)
+            with timed(tm, "cut"):
+                for clip in result.clips:
+                    if clip.alive:
+                        self._cut(fetched.path, clip, scenes)
+            apply_stages(self.clip_stages, result, tm)
+        except DownloadError as e:
+            rec.fail(e.reason, str(e))
+        except ProbeError as e:
+            rec.fail(e.reason, str(e))
+        except FFmpegError as e:
+            rec.fail(e.reason, str(e))
+        finally:
+            if fetched is not None and fetched.temporary and not cfg.download.keep:
+                fetched.path.unlink(missing_ok=True)
+            for c in result.clips:
+                c.samples = []
+        rec.n_clips = len(result.clips)
+        rec.n_accepted = sum(c.alive for c in result.clips)
+        return result
+
+    def _candidates(self, task: SourceTask, rec: SourceRecord, scenes: SceneResult) -> list[Clip]:
+        p = rec.probe
+        clips = []
+        samples_by_frame = scenes.samples
+        for i, sp in enumerate(scenes.spans):
+            plan = plan_cut(sp, scenes, self.cfg.cut)
+            w, h, fps = p.width, p.height, scenes.fps or p.fps
+            if plan.method == "reencode" and self.cfg.cut.short_side:
+                s = self.cfg.cut.short_side
+                w, h = (round(w * s / h / 2) * 2, s) if w >= h else (s, round(h * s / w / 2) * 2)
+            if self.cfg.cut.fps:
+                fps = self.cfg.cut.fps
+            clip = Clip(
+                clip_id=clip_key(task.source_id, i), source_id=task.source_id,
+                source_url=task.url, clip_index=i,
+                start_s=plan.start_s, end_s=plan.end_s,
+                start_frame=plan.start_frame, end_frame=plan.end_frame,
+                duration_s=plan.end_s - plan.start_s, width=w, height=h, fps=fps,
+                cut_method=plan.method,
+            )  # fmt: skip
+            clip.extra["plan"] = plan
+            if sp.given is not None:
+                clip.source_clip_id, clip.source_caption = sp.given.clip_id, sp.given.caption
+            clip.samples = _pick_samples(samples_by_frame, plan.start_frame, plan.end_frame)
+            clips.append(clip)
+        return clips
+
+    def _cut(self, src: Path, clip: Clip, scenes: SceneResult) -> None:
+        plan = clip.extra.pop("plan")
+        try:
+            data = cut_clip(str(src), plan, scenes, self.cfg.cut, str(self.work / "tmp"))
+        except FFmpegError as e:
+            clip.fail("timeout" if e.reason == "timeout" else "cut_error", str(e))
+            return
+        clip.data = data
+        clip.size_bytes = len(data)
+        try:
+            info = probe_clip(data)
+        except Exception as e:  # noqa: BLE001 - an unreadable clip is this clip's failure
+            clip.fail("cut_error", f"clip does not decode: {e}")
+            return
+        clip.codec, clip.width, clip.height = info["codec"], info["width"], info["height"]
+        clip.fps, clip.duration_s = info["fps"], info["duration_s"]
+
+
+def _pick_samples(samples: list[FrameSample], a: int, b: int) -> list[FrameSample]:
+    return [s for s in samples if a <= s.frame_index < b]
+
+
+def apply_stages(stages: list[Stage], result: SourceResult, tm: dict[str, float]) -> None:
+    """Post-cut stages on the accepted clips of one source (rejected clips are never cut)."""
+    for stage in stages:
+        live = [c for c in result.clips if c.alive and c.data is not None]
+        if not live:
+            return
+        with timed(tm, stage.name):
+            stage.process_batch(live, [StageContext(result.source.probe)] * len(live))
+
+
+def probe_clip(data: bytes) -> dict:
+    """Codec, size, frame count, fps and duration of a written clip (decoding headers only)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        vs = c.streams.video[0]
+        pts = sorted(p.pts for p in c.demux(vs) if p.pts is not None)
+        tb = float(vs.time_base)
+        n = len(pts)
+        if n == 0:
+            raise ValueError("no frames")
+        if n > 1:
+            step = (pts[-1] - pts[0]) / (n - 1)
+            duration = (pts[-1] - pts[0] + step) * tb
+            fps = 1.0 / (step * tb) if step > 0 else float(vs.average_rate or 0)
+        else:
+            fps = float(vs.average_rate or 0) or 25.0
+            duration = 1.0 / fps
+        rotation = 0
+        w, h = vs.codec_context.width, vs.codec_context.height
+        if rotation in (90, 270):
+            w, h = h, w
+        return {"codec": vs.codec_context.name, "width": w, "height": h, "fps": fps,
+                "duration_s": duration, "frames": n}  # fmt: skip
+
+
+def manifest_meta(cfg: PipelineConfig) -> dict[str, str]:
+    return {"pipeline_version": PIPELINE_VERSION, "config_hash": cfg.hash()}

@@ -1,0 +1,204 @@
+"""Typed records that flow through the pipeline and become manifest rows.
+
+Per-sample failures are data: a `Clip` or `SourceRecord` carries `status` and a stable
+`reason` code; nothing is returned as an error tuple or dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Stable reason codes. Stages may add their own; these are the ones the core emits.
+REASONS = {
+    # sources
+    "empty": "zero-byte input",
+    "not_found": "local path or object does not exist",
+    "not_video": "no decodable video stream (HTML page, audio-only, random bytes)",
+    "decode_error": "the video stream could not be decoded",
+    "bad_header": "header declares an impossible size, rate or duration",
+    "scheme_not_allowed": "URL scheme not in download.allowed_schemes",
+    "host_not_allowed": "host resolves to a private/loopback/link-local address, or is not allowed",
+    "too_large": "download exceeded download.max_bytes",
+    "http_error": "HTTP error status",
+    "network_error": "connection failed after retries",
+    "timeout": "an external tool or the network timed out",
+    "bad_path": "path escapes its folder or has an invalid name",
+    "no_scenes": "decoded, but too few frames to form a clip",
+    # clips
+    "too_short": "clip shorter than filters.duration.min_s",
+    "too_long": "clip longer than filters.duration.max_s",
+    "resolution": "short side below filters.resolution.min_short_side",
+    "aspect": "display aspect outside filters.aspect target ± tolerance",
+    "letterbox": "black bars: content is not widescreen",
+    "cut_error": "ffmpeg failed to cut the clip",
+}
+
+
+def source_id_for(url: str) -> str:
+    """Stable id of a source: the same URL gives the same id (and clip keys) on every run."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def clip_key(source_id: str, index: int) -> str:
+    return f"{source_id}_{index:04d}"
+
+
+@dataclass
+class GivenScene:
+    """A scene fixed by the input (HD-VG-130M metadata) instead of our detector."""
+
+    start_s: float
+    end_s: float | None  # None: to the end of the span
+    clip_id: str | None = None
+    caption: str | None = None
+    start_frame: int | None = None
+    end_frame: int | None = None
+
+
+@dataclass
+class SourceTask:
+    """One line of the input list."""
+
+    order: int
+    url: str
+    source_id: str
+    input_id: str | None = None
+    input_caption: str | None = None
+    start_s: float | None = None
+    end_s: float | None = None
+    given_scenes: list[GivenScene] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    container: str
+    codec: str
+    width: int  # display width: after rotation and sample aspect ratio
+    height: int
+    coded_width: int
+    coded_height: int
+    rotation: int
+    sar: float
+    dar: float
+    fps: float  # average frame rate (frames / span of timestamps); exact for VFR after decode
+    vfr: bool
+    duration_s: float
+    start_time_s: float
+    bitrate: int | None
+    has_audio: bool
+    pix_fmt: str | None = None
+
+
+@dataclass
+class FrameSample:
+    """A small decoded frame kept from the scene-detection pass (for cheap pre-cut filters)."""
+
+    frame_index: int
+    pts_s: float
+    image: Any  # (row profile, column profile): brightest value per row / column
+
+
+@dataclass
+class Decision:
+    """One threshold check: the score, what it was held against, and the outcome."""
+
+    stage: str
+    column: str
+    score: float | None
+    op: str  # ">=" or "<="
+    threshold: float
+    passed: bool
+    reason: str
+
+
+@dataclass
+class Clip:
+    clip_id: str
+    source_id: str
+    source_url: str
+    clip_index: int
+    start_s: float  # seconds from the source's first frame
+    end_s: float
+    start_frame: int  # first frame of the clip (index in the decoded source)
+    end_frame: int  # one past the last frame (exclusive)
+    duration_s: float
+    width: int
+    height: int
+    fps: float
+    codec: str | None = None
+    cut_method: str | None = None  # "copy" | "reencode"
+    status: str = "accepted"  # accepted | rejected | failed (| removed, by takedown)
+    reason: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    error: str | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+    caption: str | None = None
+    caption_model: str | None = None
+    source_clip_id: str | None = None
+    source_caption: str | None = None
+    shard: str | None = None
+    tar_offset: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    data: bytes | None = field(default=None, repr=False)  # the mp4, once cut
+    samples: list[FrameSample] = field(default_factory=list, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.status == "accepted"
+
+    def decide(self, d: Decision) -> None:
+        self.decisions.append(d)
+        if not d.passed:
+            self.reasons.append(d.reason)
+            if self.status == "accepted":
+                self.status, self.reason = "rejected", d.reason
+
+    def fail(self, reason: str, error: str) -> None:
+        self.status, self.reason, self.error = "failed", reason, error[:500]
+        self.reasons.append(reason)
+        self.data = None
+
+
+@dataclass
+class SourceRecord:
+    source_id: str
+    source_url: str
+    order: int
+    status: str = "downloaded"  # downloaded | failed
+    reason: str | None = None
+    error: str | None = None
+    input_id: str | None = None
+    input_caption: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    probe: Probe | None = None
+    n_frames: int | None = None
+    n_scenes: int = 0
+    n_clips: int = 0
+    n_accepted: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, reason: str, error: str) -> None:
+        self.status, self.reason, self.error = "failed", reason, error[:500]
+
+
+@dataclass
+class SourceResult:
+    """Everything one source produced; the unit that moves between Ray stages."""
+
+    source: SourceRecord
+    clips: list[Clip] = field(default_factory=list)
+
+    def drop_payloads(self) -> None:
+        for c in self.clips:
+            c.samples = []
+
+
+def to_plain(obj: Any) -> Any:
+    return asdict(obj)

@@ -1,0 +1,361 @@
+"""The curation runner: the only module that imports Ray.
+
+Sources flow as one row each ({order, source_id, result: pickled SourceResult}): the
+source stage (download → cut, CPU tasks with retries) then, when the recipe has model
+stages, an actor pool (`map_batches`, models loaded once per actor, GPUs when present).
+The driver streams results in input order into the `DatasetWriter`, which commits shards
+and manifest parts together; the driver never holds more than one shard's worth of clips.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import pickle
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import PIPELINE_VERSION, __version__
+from .config import PipelineConfig
+from .manifest.writer import DatasetWriter, Ledger
+from .pipeline import SourceProcessor, apply_stages, build_stages, manifest_meta
+from .records import SourceResult, SourceTask
+from .sources import read_sources
+
+
+class OutputError(RuntimeError):
+    """OUT cannot be created or written."""
+
+
+class StallError(RuntimeError):
+    """No source finished for `ray.stall_timeout_s`."""
+
+
+# --- work done on Ray workers (module-level so Ray pickles by reference) -------------
+
+_PROCESSORS: dict[str, SourceProcessor] = {}
+
+
+def _source_fn(row: dict[str, Any], cfg: PipelineConfig, out: str) -> dict[str, Any]:
+    key = cfg.hash() + out
+    proc = _PROCESSORS.get(key)
+    if proc is None:  # stages set up once per worker process, not per source
+        proc = _PROCESSORS[key] = SourceProcessor(cfg, out)
+    task: SourceTask = pickle.loads(row["task"])
+    result = proc(task)
+    return {"order": row["order"], "source_id": task.source_id, "result": pickle.dumps(result)}
+
+
+class ModelStageActor:
+    """Runs the recipe's model stages; weights load once, in `__init__` (Ray actor)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.stages = [s for s in build_stages(cfg, "clip_stages") if s.uses_model]
+        for s in self.stages:
+            s.setup()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = [pickle.loads(b) for b in batch["result"]]
+        process_model_stages(self.stages, results)
+        batch["result"] = [pickle.dumps(r) for r in results]
+        return batch
+
+
+def process_model_stages(stages: list, results: list[SourceResult]) -> None:
+    """All live clips of a batch of sources go through each model stage together, so the
+    stage sees full model batches; per-source time is attributed by clip share."""
+    for stage in stages:
+        live = [(r, c) for r in results for c in r.clips if c.alive and c.data is not None]
+        if not live:
+            continue
+        from .stages import StageContext
+
+        t0 = time.perf_counter()
+        stage.process_batch([c for _, c in live], [StageContext(r.source.probe) for r, _ in live])
+        dt = time.perf_counter() - t0
+        counts = Counter(id(r) for r, _ in live)
+        for r in results:
+            if id(r) in counts:
+                r.source.timings[stage.name] = (
+                    r.source.timings.get(stage.name, 0.0) + dt * counts[id(r)] / len(live)
+                )
+
+
+# --- driver ---------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    total: int
+    quiet: bool = False
+    done: int = 0
+    clips: Counter = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+    last_print: float = 0.0
+    last_event: float = field(default_factory=time.monotonic)
+
+    def update(self, result: SourceResult) -> None:
+        self.done += 1
+        self.last_event = time.monotonic()
+        for c in result.clips:
+            self.clips[c.status] += 1
+        now = time.monotonic()
+        if not self.quiet and (now - self.last_print > 2.0 or self.done == self.total):
+            self.last_print = now
+            el = now - self.started
+            print(
+                f"[hdvg] sources {self.done}/{self.total} | clips accepted "
+                f"{self.clips['accepted']} rejected {self.clips['rejected']} failed "
+                f"{self.clips['failed']} | {el:.0f}s elapsed",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _watchdog(progress: Progress, timeout_s: float, stop: threading.Event, flag: list) -> None:
+    while not stop.wait(1.0):
+        if time.monotonic() - progress.last_event > timeout_s:
+            flag.append(True)
+            _thread.interrupt_main()  # surfaces as KeyboardInterrupt in the driver loop
+            return
+
+
+def _init_ray(cfg: PipelineConfig, address: str | None):
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        addr = address or cfg.ray.address
+        if addr:
+            kwargs["address"] = addr
+        else:
+            if cfg.ray.num_cpus:
+                kwargs["num_cpus"] = cfg.ray.num_cpus
+            if cfg.ray.object_store_mb:
+                kwargs["object_store_memory"] = cfg.ray.object_store_mb * 1024**2
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address: str | None):
+    ray = _init_ray(cfg, address)
+    items = [{"order": t.order, "task": pickle.dumps(t)} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 100_000)))
+    ds = ds.map(
+        _source_fn,
+        fn_kwargs={"cfg": cfg, "out": out},
+        num_cpus=cfg.ray.source_cpus,
+        max_retries=cfg.ray.max_task_retries,
+        retry_exceptions=False,  # per-source errors are rows already; retry only lost workers
+    )
+    if any(s.uses_model for s in build_stages(cfg, "clip_stages")):
+        import torch
+
+        gpus = cfg.models.num_gpus if (cfg.models.device != "cpu" and _cluster_has_gpu(ray)) else 0
+        ds = ds.map_batches(
+            ModelStageActor,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.models.batch_size,
+            concurrency=cfg.models.actors,
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+            max_restarts=cfg.ray.max_task_retries,
+            max_task_retries=cfg.ray.max_task_retries,
+        )
+        del torch
+    for row in ds.iter_rows():
+        yield pickle.loads(row["result"])
+
+
+def _cluster_has_gpu(ray) -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _serial_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str):
+    proc = SourceProcessor(cfg, out)
+    model = [s for s in build_stages(cfg, "clip_stages") if s.uses_model]
+    for s in model:
+        s.setup()
+    for t in tasks:
+        r = proc(t)
+        if model:
+            process_model_stages(model, [r])
+        yield r
+
+
+def score_columns(cfg: PipelineConfig) -> list[str]:
+    cols: list[str] = []
+    for section in ("filters", "clip_stages"):
+        for s in build_stages(cfg, section):
+            cols += [c for c in s.score_columns if c not in cols]
+    return cols
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write to output {out}: {e}") from None
+
+
+def curate(
+    cfg: PipelineConfig,
+    input_spec: str,
+    out: str | Path,
+    *,
+    ray_address: str | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run a curation job; returns the run summary (also written to OUT/run.json)."""
+    out = Path(out).resolve()
+    started = time.time()
+    tasks = read_sources(input_spec)
+    if limit is not None:
+        tasks = tasks[:limit]
+    _prepare_out(out)
+    ledger = Ledger(out)
+    if retry_failed:
+        from .manifest.writer import drop_failed_sources
+
+        drop_failed_sources(out, ledger)
+        ledger = Ledger(out)
+    todo = [t for t in tasks if t.source_id not in ledger.done_sources]
+    skipped = len(tasks) - len(todo)
+    if not quiet:
+        msg = f"[hdvg] {len(tasks)} sources, {skipped} already done, {len(todo)} to process"
+        print(msg, file=sys.stderr, flush=True)
+    writer = DatasetWriter(
+        out, manifest_meta(cfg), score_columns(cfg), cfg.shards.max_samples,
+        cfg.shards.max_bytes, cfg.shards.mtime, ledger,
+    )  # fmt: skip
+    progress = Progress(len(todo), quiet)
+    stop, stalled = threading.Event(), []
+    dog = threading.Thread(
+        target=_watchdog, args=(progress, cfg.ray.stall_timeout_s, stop, stalled), daemon=True
+    )
+    dog.start()
+    try:
+        if not todo:
+            results = iter(())
+        elif cfg.ray.executor == "serial":
+            results = _serial_results(cfg, todo, str(out))
+        else:
+            results = _ray_results(cfg, todo, str(out), ray_address)
+        for result in results:
+            writer.add(result)
+            progress.update(result)
+        writer.close()
+    except KeyboardInterrupt:
+        if stalled:
+            raise StallError(
+                f"no source finished for {cfg.ray.stall_timeout_s:.0f}s (ray.stall_timeout_s); "
+                "committed work is kept: rerun the same command to resume"
+            ) from None
+        raise
+    finally:
+        stop.set()
+    summary = summarize(out, cfg, started, input_spec, ray_address)
+    (out / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    if not quiet:
+        print(format_summary(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from .ffmpeg import ffmpeg_version
+
+    out = {"hdvg": __version__, "python": sys.version.split()[0], "ffmpeg": ffmpeg_version()}
+    for pkg in ("ray", "scenedetect-headless", "av", "pyarrow", "torch", "transformers",
+                "open-clip-torch"):  # fmt: skip
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def summarize(out: Path, cfg: PipelineConfig, started: float, input_spec: str,
+              ray_address: str | None) -> dict[str, Any]:  # fmt: skip
+    import pyarrow.parquet as pq
+
+    clips = pq.read_table(out / "manifest" / "clips").to_pylist() if any(
+        (out / "manifest" / "clips").glob("*.parquet")) else []  # fmt: skip
+    sources = pq.read_table(out / "manifest" / "sources").to_pylist() if any(
+        (out / "manifest" / "sources").glob("*.parquet")) else []  # fmt: skip
+    timings: Counter = Counter()
+    for s in sources:
+        timings.update(json.loads(s["timings"] or "{}"))
+    shards = sorted(p.name for p in (out / "shards").glob("shard-*.tar"))
+    return {
+        "pipeline": cfg.name,
+        "pipeline_version": PIPELINE_VERSION,
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+        "input": str(input_spec),
+        "output": str(out),
+        "ray_address": ray_address or cfg.ray.address or "local",
+        "versions": _versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_s": round(time.time() - started, 3),
+        "counts": {
+            "sources": len(sources),
+            "sources_by_status": dict(Counter(s["status"] for s in sources)),
+            "sources_failed_by_reason": dict(
+                Counter(s["reason"] for s in sources if s["status"] == "failed")
+            ),
+            "clips": len(clips),
+            "clips_by_status": dict(Counter(c["status"] for c in clips)),
+            "clips_rejected_by_reason": dict(
+                Counter(c["reason"] for c in clips if c["status"] == "rejected")
+            ),
+            "clips_failed_by_reason": dict(
+                Counter(c["reason"] for c in clips if c["status"] == "failed")
+            ),
+            "shards": len(shards),
+            "accepted_hours": round(
+                sum(c["duration_s"] or 0 for c in clips if c["status"] == "accepted") / 3600, 4
+            ),
+        },
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    c = s["counts"]
+    lines = [
+        f"[hdvg] done in {s['wall_s']:.1f}s -> {s['output']}",
+        f"  sources: {c['sources']} {c['sources_by_status']}",
+    ]
+    if c["sources_failed_by_reason"]:
+        lines.append(f"    failed by reason: {c['sources_failed_by_reason']}")
+    lines.append(f"  clips: {c['clips']} {c['clips_by_status']}")
+    if c["clips_rejected_by_reason"]:
+        lines.append(f"    rejected by reason: {c['clips_rejected_by_reason']}")
+    if c["clips_failed_by_reason"]:
+        lines.append(f"    failed by reason: {c['clips_failed_by_reason']}")
+    lines.append(f"  shards: {c['shards']}, accepted hours: {c['accepted_hours']}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
+    lines.append(f"  stage seconds (summed over workers): {stages}")
+    return "\n".join(lines)
