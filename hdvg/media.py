@@ -144,3 +144,11 @@ def make_demo_sources(directory: str | Path) -> list[Path]:
         junk.write_text("<html><body>404 Not Found</body></html>\n")
     out.append(junk)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "demo/sources"
+    for p in make_demo_sources(target):
+        print(p)

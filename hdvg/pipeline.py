@@ -72,6 +72,12 @@ class SourceProcessor:
             if scenes.n_frames == 0:
                 rec.fail("no_scenes", "no frames decoded")
                 return result
+            decoded_s = scenes.pts[-1] if scenes.pts else 0.0
+            declared = rec.probe.duration_s
+            if declared > 2.0 and decoded_s < 0.8 * declared - 0.5:
+                # the container promises more than the stream holds: a cut-off download
+                rec.fail("truncated", f"decoded {decoded_s:.1f}s of a declared {declared:.1f}s")
+                return result
             result.clips = self._candidates(task, rec, scenes)
             ctx = [StageContext(rec.probe)] * len(result.clips)
             with timed(tm, "filter"):

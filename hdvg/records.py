@@ -26,6 +26,7 @@ REASONS = {
     "timeout": "an external tool or the network timed out",
     "bad_path": "path escapes its folder or has an invalid name",
     "no_scenes": "decoded, but too few frames to form a clip",
+    "truncated": "the stream ends well before the duration its container declares",
     # clips
     "too_short": "clip shorter than filters.duration.min_s",
     "too_long": "clip longer than filters.duration.max_s",
