@@ -1,0 +1,247 @@
+"""Typed configs for the t2v model, trainer and sampler, loaded from one YAML.
+
+A config file has the sections ``model``, ``text_encoder``, ``vae``, ``data``, ``train`` and
+``sample``; every key maps onto a dataclass field below, and an unknown key is an error (a typo
+must not silently fall back to a default). The resolved config (``to_dict``) is written beside
+every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type, impossible value."""
+
+
+@dataclass
+class UNetConfig:
+    """The latent video U-Net; defaults are the ModelScope-T2V / SD-2.x layout (1.4B params)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    # which levels carry attention (spatial + text, temporal, swap); SD-2.x: all but the lowest
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    head_dim: int = 64
+    cross_attention_dim: int = 1024
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    # diffusers' `transformer_in` uses 8 heads of `attention_head_dim` (inner width 8*64=512)
+    in_temporal_heads: int = 8
+    temporal_conv_dropout: float = 0.1  # as ModelScope / diffusers' TemporalConvLayer
+    # swap attention (paper section 3.2); see hdvg/t2v/swap.py for the window choice
+    swap: bool = True
+    swap_window: tuple[int, int, int] = (16, 8, 8)  # (frames, h, w) in latent cells
+    swap_first_query: str = "spatial"  # role of the query branch in the first swap block
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ConfigError("model.attention_levels needs one entry per block_out_channels")
+        if self.swap_first_query not in ("spatial", "temporal"):
+            raise ConfigError("model.swap_first_query must be 'spatial' or 'temporal'")
+        for c in self.block_out_channels:
+            if c % self.head_dim or c % self.norm_num_groups:
+                raise ConfigError(f"width {c} must divide by head_dim and norm_num_groups")
+
+
+# Size presets in one dict (STYLE 8). `base` is the paper-like size; `tiny` runs on a CPU.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "tiny": {
+        "block_out_channels": (32, 64, 64),
+        "attention_levels": (True, True, False),
+        "layers_per_block": 1,
+        "head_dim": 16,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "in_temporal_heads": 2,
+        "swap_window": (4, 4, 4),
+    },
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "base"
+    unet: dict[str, Any] = field(default_factory=dict)  # overrides on top of the preset
+    # a diffusers UNet3DConditionModel dir (or pipeline dir with unet/), or a ModelScope .pth
+    pretrained: str | None = None
+
+    def unet_config(self) -> UNetConfig:
+        if self.preset not in UNET_PRESETS:
+            raise ConfigError(
+                f"unknown model.preset {self.preset!r}; known: {sorted(UNET_PRESETS)}"
+            )
+        return from_dict(UNetConfig, {**UNET_PRESETS[self.preset], **self.unet}, "model.unet")
+
+
+@dataclass
+class TextEncoderConfig:
+    # "open_clip": OpenCLIP text tower, penultimate layer + ln_final (SD-2.x, ModelScope);
+    # "clip": transformers CLIPTextModel (a diffusers pipeline's text_encoder/ + tokenizer/)
+    kind: str = "open_clip"
+    path: str | None = None  # local dir / weights file; None: HF cache by `name`
+    name: str = "ViT-H-14"  # open_clip model name or HF repo id (looked up in the local cache only)
+    layer: str = "penultimate"  # "penultimate" or "last"
+    max_length: int = 77
+    # build with random weights from this config instead of loading (tests, CPU smoke runs);
+    # the weights are then stored inside every checkpoint
+    random_init: dict[str, Any] | None = None
+
+
+@dataclass
+class VAEConfig:
+    path: str | None = None  # diffusers AutoencoderKL dir (or pipeline dir with vae/)
+    name: str | None = None  # HF repo id, local cache only
+    scaling_factor: float | None = None  # None: take it from the VAE config
+    random_init: dict[str, Any] | None = None
+
+
+@dataclass
+class DataConfig:
+    frames: int = 16
+    size: tuple[int, int] = (256, 256)  # (height, width) after resize + center crop
+    fps: float | None = 8.0  # sample frames at this rate ...
+    stride: int | None = None  # ... or take every `stride`-th source frame (fps must be null)
+    batch_size: int = 2
+    num_workers: int = 4
+    shuffle_buffer: int = 64
+    random_start: bool = True  # random clip start inside the video (else the first frames)
+    use_latents: bool = False  # read precomputed `{key}.latents.npy` members if present
+
+    def __post_init__(self) -> None:
+        if (self.fps is None) == (self.stride is None):
+            raise ConfigError("data: set exactly one of fps and stride")
+        if self.frames < 1 or min(self.size) < 8:
+            raise ConfigError("data: frames >= 1 and size >= 8 required")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 1000
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    cfg_dropout: float = 0.1  # probability of an empty caption (classifier-free guidance)
+    seed: int = 0
+    log_every: int = 1
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    compile: bool = False
+    # train only the new modules (swap attention) and keep the loaded base frozen
+    train_only_new: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError("train.precision must be bf16 or fp32")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError("train.prediction_type must be epsilon or v_prediction")
+
+
+@dataclass
+class SampleConfig:
+    frames: int | None = None  # None: data.frames
+    steps: int = 50
+    guidance: float = 9.0
+    fps: float | None = None  # of the written mp4; None: data.fps (or 8)
+    negative_prompt: str = ""
+    use_ema: bool = True
+
+
+@dataclass
+class T2VConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin is dict or tp is Any:
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> T2VConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return from_dict(T2VConfig, raw)

@@ -1,0 +1,114 @@
+"""Swap attention (arXiv 2305.10874, section 3.2): cross-attention between the spatial and the
+temporal branch inside 3D windows, with the query role swapping from block to block.
+
+How it sits in a U-Net block (``unet.py``)::
+
+    s = spatial(x)        # per-frame self-attention + text cross-attention
+    t = temporal(s)       # per-pixel self-attention along frames
+    y = t + swap(s, t)    # queries from one branch, keys/values from the other, in 3D windows
+
+In even-numbered swap blocks (counted over the whole U-Net, down -> mid -> up) the spatial
+branch asks and the temporal branch answers; in odd ones the roles swap (``first_query``
+chooses which comes first). The output projection starts at zero, so a freshly built swap
+block adds exactly 0 and a loaded ModelScope / diffusers U-Net keeps its output bit for bit.
+
+Window size: the paper does not publish it. We use ``(16, 8, 8)`` (frames, h, w) in latent
+cells by default -- all 16 frames of a training clip times an 8x8 latent patch (64x64 pixels):
+
+- 1,024 tokens per window, the shape at which SDPA forward+backward reached ~294 TFLOP/s on
+  an H100 (against ~4 TFLOP/s for 16-token per-pixel temporal attention), so the added
+  attention runs at matmul speed;
+- the window spans the whole clip in time, so every query sees every frame of its patch, and
+  8x8 cells at 256x256 training size tile level 0 into 4x4 windows, level 1 (16x16) into 2x2
+  and level 2 (8x8) into one global window: locality where the features are fine, global
+  context where they are coarse;
+- an axis smaller than (or not divisible by) its window uses the largest divisor of its size
+  not above the configured window, so no padding or masks are needed (masks would knock SDPA
+  off its flash kernel). Configurable as ``model.unet.swap_window``.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from hdvg.t2v.layers import Attention
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def effective_window(
+    frames: int, height: int, width: int, window: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    """The window actually used for a (frames, height, width) grid: see the module docstring."""
+    return (
+        largest_divisor_at_most(frames, window[0]),
+        largest_divisor_at_most(height, window[1]),
+        largest_divisor_at_most(width, window[2]),
+    )
+
+
+def window_partition(
+    x: torch.Tensor, num_frames: int, window: tuple[int, int, int]
+) -> torch.Tensor:
+    """``(B*F, C, H, W)`` -> ``(B*nF*nH*nW, wf*wh*ww, C)``: one row of tokens per 3D window."""
+    wf, wh, ww = window
+    return rearrange(
+        x,
+        "(b nf wf) c (nh wh) (nw ww) -> (b nf nh nw) (wf wh ww) c",
+        nf=num_frames // wf,
+        wf=wf,
+        wh=wh,
+        ww=ww,
+    )
+
+
+def window_merge(
+    tokens: torch.Tensor, num_frames: int, height: int, width: int, window: tuple[int, int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B*nW, wf*wh*ww, C)`` -> ``(B*F, C, H, W)``."""
+    wf, wh, ww = window
+    return rearrange(
+        tokens,
+        "(b nf nh nw) (wf wh ww) c -> (b nf wf) c (nh wh) (nw ww)",
+        nf=num_frames // wf,
+        nh=height // wh,
+        nw=width // ww,
+        wf=wf,
+        wh=wh,
+        ww=ww,
+    )
+
+
+class SwapAttention(nn.Module):
+    """Windowed cross-attention from the ``query`` branch to the other branch; returns the update.
+
+    ``query="spatial"``: Q from the spatial branch, K/V from the temporal branch; and vice versa.
+    """
+
+    def __init__(self, channels: int, head_dim: int, window: tuple[int, int, int], query: str):
+        super().__init__()
+        if query not in ("spatial", "temporal"):
+            raise ValueError(f"query must be 'spatial' or 'temporal', got {query!r}")
+        self.query = query
+        self.window = tuple(window)
+        self.norm_q = nn.LayerNorm(channels)
+        self.norm_kv = nn.LayerNorm(channels)
+        self.attn = Attention(channels, channels // head_dim, head_dim)
+        # zero-init: a new block is the identity on the residual stream (ControlNet's trick)
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+
+    def forward(
+        self, spatial: torch.Tensor, temporal: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
+        _, _, h, w = spatial.shape  # (BF, C, H, W), both branches
+        q_src, kv_src = (spatial, temporal) if self.query == "spatial" else (temporal, spatial)
+        win = effective_window(num_frames, h, w, self.window)
+        q = window_partition(q_src, num_frames, win)  # (B*nW, T, C)
+        kv = window_partition(kv_src, num_frames, win)  # (B*nW, T, C)
+        out = self.attn(self.norm_q(q), self.norm_kv(kv))  # (B*nW, T, C)
+        return window_merge(out, num_frames, h, w, win)  # (BF, C, H, W)

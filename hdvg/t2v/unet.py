@@ -1,0 +1,284 @@
+"""The latent video U-Net: ModelScope-T2V / SD-2.x layout plus swap attention.
+
+Layout (``UNetConfig`` defaults): widths 320*[1,2,4,4], two res-blocks per level going down
+(three going up), a temporal conv after every spatial res-block, and at the three highest
+resolutions spatial self-attention + text cross-attention, temporal self-attention and swap
+attention. Module and parameter names follow diffusers' ``UNet3DConditionModel`` (itself the
+port of ModelScope's ``UNetSD``), so a diffusers state dict loads with ``strict=False`` and
+the only missing keys are the new ``swaps.*`` modules -- see ``weights.py``.
+
+Activations flow as ``(B*F, C, H, W)`` (frames folded into the batch) so every 2D conv and
+the spatial attention see plain image batches; temporal layers unfold ``(b f)`` as needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hdvg.t2v.config import UNetConfig
+from hdvg.t2v.layers import SpatialTransformer, TemporalTransformer
+from hdvg.t2v.swap import SwapAttention
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first (diffusers ``Timesteps(dim, flip_sin_to_cos=True, 0)``)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with the time embedding added in between (``ResnetBlock2D``)."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (BF, Co, H, W)
+        emb = self.time_emb_proj(F.silu(temb))  # (B, Co): once per video, not per frame
+        h = h + emb.repeat_interleave(num_frames, dim=0)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))  # (BF, Co, H, W)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class TemporalConv(nn.Module):
+    """Four (3,1,1) convs along frames, last one zero-initialized (ModelScope ``TemporalConvBlock_v2``)."""
+
+    def __init__(self, channels: int, groups: int, dropout: float):
+        super().__init__()
+
+        def conv() -> nn.Conv3d:
+            return nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+        self.conv1 = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Dropout(dropout), conv()
+        )
+        self.conv3 = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Dropout(dropout), conv()
+        )
+        self.conv4 = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Dropout(dropout), conv()
+        )
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
+        h = self.conv4(self.conv3(self.conv2(self.conv1(v))))
+        return rearrange(v + h, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: ``n`` layers of [res-block, temporal conv, (spatial attn, temporal
+    attn, swap attn)], then an optional down/up-sampler. Used for down, mid and up blocks."""
+
+    def __init__(
+        self,
+        cfg: UNetConfig,
+        in_channels: list[int],
+        out_channels: int,
+        temb_dim: int,
+        attention: bool,
+        swap_index: int,
+        mid: bool = False,
+    ):
+        super().__init__()
+        c, g, eps = out_channels, cfg.norm_num_groups, cfg.norm_eps
+        n = len(in_channels)
+        self.mid = mid
+        self.resnets = nn.ModuleList([ResnetBlock(ci, c, temb_dim, g, eps) for ci in in_channels])
+        self.temp_convs = nn.ModuleList(
+            [TemporalConv(c, g, cfg.temporal_conv_dropout) for _ in in_channels]
+        )
+        n_attn = (n - 1 if mid else n) if attention else 0
+        heads = c // cfg.head_dim
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(c, cfg.head_dim, cfg.cross_attention_dim, g) for _ in range(n_attn)]
+        )
+        self.temp_attentions = nn.ModuleList(
+            [TemporalTransformer(c, heads, cfg.head_dim, g) for _ in range(n_attn)]
+        )
+        other = {"spatial": "temporal", "temporal": "spatial"}
+        self.swaps = nn.ModuleList(
+            [
+                SwapAttention(
+                    c,
+                    cfg.head_dim,
+                    cfg.swap_window,
+                    cfg.swap_first_query
+                    if (swap_index + i) % 2 == 0
+                    else other[cfg.swap_first_query],
+                )
+                for i in range(n_attn if cfg.swap else 0)
+            ]
+        )
+        self.downsamplers: nn.ModuleList | None = None
+        self.upsamplers: nn.ModuleList | None = None
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    @property
+    def num_swaps(self) -> int:
+        return len(self.attentions)
+
+    def attend(self, i: int, x: torch.Tensor, ctx: torch.Tensor, num_frames: int) -> torch.Tensor:
+        s = self.attentions[i](x, ctx)  # spatial self + text cross: (BF, C, H, W)
+        t = self.temp_attentions[i](s, num_frames)  # temporal self: (BF, C, H, W)
+        if len(self.swaps):
+            t = t + self.swaps[i](s, t, num_frames)  # swap cross-attention in 3D windows
+        return t
+
+    def layer(
+        self, i: int, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
+        if self.mid:  # mid block: resnet0, then [attn, resnet] pairs (diffusers' order)
+            if i > 0:
+                x = self.attend(i - 1, x, ctx, num_frames)
+            x = self.resnets[i](x, temb, num_frames)
+            return self.temp_convs[i](x, num_frames)
+        x = self.resnets[i](x, temb, num_frames)
+        x = self.temp_convs[i](x, num_frames)
+        if len(self.attentions):
+            x = self.attend(i, x, ctx, num_frames)
+        return x
+
+    def run_layer(
+        self, i: int, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.layer, i, x, temb, ctx, num_frames, use_reentrant=False)
+        return self.layer(i, x, temb, ctx, num_frames)
+
+
+class SwapUNet(nn.Module):
+    """``forward(sample (B,C,F,H,W), timestep (B,) | scalar, text (B,L,D)) -> (B,C,F,H,W)``."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        widths = list(cfg.block_out_channels)
+        temb_dim = widths[0] * 4
+        g = cfg.norm_num_groups
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.time_embedding = nn.Module()
+        self.time_embedding.linear_1 = nn.Linear(widths[0], temb_dim)
+        self.time_embedding.linear_2 = nn.Linear(temb_dim, temb_dim)
+        self.transformer_in = TemporalTransformer(widths[0], cfg.in_temporal_heads, cfg.head_dim, g)
+
+        swap_index = 0
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [widths[0]]
+        cin = widths[0]
+        for level, (c, attn) in enumerate(zip(widths, cfg.attention_levels, strict=True)):
+            ins = [cin] + [c] * (cfg.layers_per_block - 1)
+            block = Level(cfg, ins, c, temb_dim, attn, swap_index)
+            swap_index += block.num_swaps
+            skip_channels += [c] * cfg.layers_per_block
+            if level < len(widths) - 1:
+                block.downsamplers = nn.ModuleList([Downsample(c)])
+                skip_channels.append(c)
+            self.down_blocks.append(block)
+            cin = c
+
+        self.mid_block = Level(
+            cfg, [widths[-1]] * 2, widths[-1], temb_dim, True, swap_index, mid=True
+        )
+        swap_index += self.mid_block.num_swaps
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(widths))
+        prev = rev[0]
+        for i, (c, attn) in enumerate(zip(rev, reversed(cfg.attention_levels), strict=True)):
+            n = cfg.layers_per_block + 1
+            skips = [skip_channels.pop() for _ in range(n)]
+            ins = [(prev if j == 0 else c) + skips[j] for j in range(n)]
+            block = Level(cfg, ins, c, temb_dim, attn, swap_index)
+            swap_index += block.num_swaps
+            if i < len(widths) - 1:
+                block.upsamplers = nn.ModuleList([Upsample(c)])
+            self.up_blocks.append(block)
+            prev = c
+        self.num_swap_blocks = swap_index
+
+        self.conv_norm_out = nn.GroupNorm(g, widths[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Level):
+                m.gradient_checkpointing = enabled
+
+    def swap_modules(self) -> list[SwapAttention]:
+        return [m for m in self.modules() if isinstance(m, SwapAttention)]
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, text: torch.Tensor
+    ) -> torch.Tensor:
+        b, c, f, h, w = sample.shape  # (B, C, F, H, W)
+        if c != self.config.in_channels or text.shape[0] != b or text.ndim != 3:
+            raise ValueError(
+                f"bad input shapes: sample {tuple(sample.shape)}, text {tuple(text.shape)}"
+            )
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)  # (B,)
+        temb = timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype)
+        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, 4C0)
+        ctx = text.repeat_interleave(f, dim=0)  # (BF, L, D)
+
+        x = rearrange(sample, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
+        x = self.conv_in(x)  # (BF, C0, H, W)
+        x = self.transformer_in(x, f)
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x = block.run_layer(i, x, temb, ctx, f)  # (BF, Ci, Hi, Wi)
+                skips.append(x)
+            if block.downsamplers is not None:
+                x = block.downsamplers[0](x)  # (BF, Ci, Hi/2, Wi/2)
+                skips.append(x)
+
+        for i in range(len(self.mid_block.resnets)):
+            x = self.mid_block.run_layer(i, x, temb, ctx, f)
+
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = torch.cat([x, skips.pop()], dim=1)  # (BF, C + Cskip, Hi, Wi)
+                x = block.run_layer(i, x, temb, ctx, f)
+            if block.upsamplers is not None:
+                x = block.upsamplers[0](x, skips[-1].shape[-2:])  # (BF, Ci, 2Hi, 2Wi)
+
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))  # (BF, Cout, H, W)
+        return rearrange(x, "(b f) c h w -> b c f h w", b=b)
