@@ -1,0 +1,299 @@
+"""Stream hdvg WebDataset shards into training: ``{key}.mp4`` -> a clip tensor and its caption.
+
+``ShardClips`` is an ``IterableDataset`` that
+
+- reads shards from a directory (``OUT`` or ``OUT/shards``), a brace pattern
+  (``shard-{000000..000099}.tar``), a glob, or a list of them -- local paths or any fsspec URL;
+- splits the work across nodes (``RANK``/``WORLD_SIZE`` or an initialized process group) and
+  DataLoader workers: whole shards per worker when there are enough shards, else every
+  worker reads all shards and keeps every n-th sample;
+- shuffles shard order per epoch and samples in a buffer of raw (still encoded) samples, all
+  seeded by (seed, epoch, worker), and loops over epochs forever;
+- is resumable: every sample carries its worker id and that worker's raw-sample cursor; the
+  trainer keeps the largest cursor per worker and hands it back on resume, and each worker
+  fast-forwards by re-reading (not decoding) that many raw samples;
+- decodes only the frames it needs (PyAV, in-process), at a target fps or a frame stride,
+  resized so the clip covers the training size and center-cropped; clips too short for the
+  requested frames are skipped and counted (``skipped_too_short``), as are undecodable ones.
+
+Samples leave the worker as uint8 ``(3, F, H, W)`` -- 4x smaller than float over the worker
+pipes; the trainer normalizes on the GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import count
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hdvg.t2v.config import DataConfig
+
+
+def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Shard URLs for a spec: dir, brace pattern, glob, file, or a list (sorted, deduplicated)."""
+    import braceexpand
+    import fsspec
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        for one in braceexpand.braceexpand(s):
+            fs, path = fsspec.core.url_to_fs(one)
+            if fs.isdir(path):
+                if fs.isdir(path.rstrip("/") + "/shards"):
+                    path = path.rstrip("/") + "/shards"
+                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+            elif any(c in path for c in "*?["):
+                found = sorted(fs.glob(path))
+            else:
+                found = [path] if fs.exists(path) else []
+            if not found:
+                raise FileNotFoundError(f"no shards at {one!r}")
+            urls += [fs.unstrip_protocol(p) if "://" in one else p for p in found]
+    return list(dict.fromkeys(urls))
+
+
+def read_tar(url: str) -> Iterator[dict[str, Any]]:
+    """Group a tar's members by key (``{key}.{ext}``); only regular, safe member names."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        current: dict[str, Any] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            try:  # the "data" filter's checks, without extracting anything to disk
+                tarfile.data_filter(member, "/nonexistent")
+            except tarfile.FilterError:
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, ext = name.partition(".")
+            if current and current["__key__"] != key:
+                yield current
+                current = {}
+            current["__key__"] = key
+            current[ext] = tar.extractfile(member).read()
+        if current:
+            yield current
+
+
+def shuffle_buffer(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray | None  # (F, H, W, 3) uint8; None when skipped
+    reason: str | None = None  # "too_short" / "decode_error" when skipped
+
+
+def frame_indices(
+    n_src: int, src_fps: float, cfg: DataConfig, rng: random.Random
+) -> list[int] | None:
+    """Source frame indices for one clip, or None when the video is too short."""
+    step = (src_fps / cfg.fps) if cfg.fps else float(cfg.stride)
+    span = (cfg.frames - 1) * step + 1
+    if n_src < math.ceil(span - 1e-6):
+        return None
+    last_start = n_src - math.ceil(span - 1e-6)
+    start = rng.randint(0, last_start) if cfg.random_start else 0
+    return [min(n_src - 1, start + round(i * step)) for i in range(cfg.frames)]
+
+
+def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | None = None) -> Clip:
+    """Decode the frames of one clip at the training size (resize to cover, center crop)."""
+    import av
+
+    out_h, out_w = cfg.size
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "SLICE"  # one core per worker; workers give the parallelism
+            rate = (
+                stream.average_rate
+                or stream.guessed_rate
+                or Fraction(int((meta or {}).get("fps", 25)))
+            )
+            src_fps = float(rate)
+            n_src = stream.frames
+            if not n_src and meta and meta.get("duration_s"):
+                n_src = int(round(float(meta["duration_s"]) * src_fps))
+            if not n_src and stream.duration and stream.time_base:
+                n_src = int(float(stream.duration * stream.time_base) * src_fps)
+            idx = frame_indices(n_src, src_fps, cfg, rng)
+            if idx is None:
+                return Clip(None, "too_short")
+            w, h = stream.codec_context.width, stream.codec_context.height
+            scale = max(out_w / w, out_h / h)
+            rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+            y0, x0 = (rh - out_h) // 2, (rw - out_w) // 2
+            wanted = {}
+            for k, i in enumerate(idx):
+                wanted.setdefault(i, []).append(k)
+            frames: list[np.ndarray | None] = [None] * len(idx)
+            for n, frame in enumerate(container.decode(stream)):
+                if n in wanted:
+                    rgb = frame.to_ndarray(
+                        width=rw, height=rh, format="rgb24", interpolation="AREA"
+                    )
+                    crop = rgb[y0 : y0 + out_h, x0 : x0 + out_w]
+                    for k in wanted[n]:
+                        frames[k] = crop
+                if n >= idx[-1]:
+                    break
+    except (av.error.FFmpegError, IndexError, ValueError) as e:
+        return Clip(None, f"decode_error: {type(e).__name__}")
+    if any(f is None for f in frames):
+        return Clip(None, "too_short")  # the container said more frames than it holds
+    return Clip(np.stack(frames))
+
+
+def world() -> tuple[int, int]:
+    import os
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardClips(IterableDataset):
+    """Endless, shuffled, resumable stream of ``{"video", "caption", "key", "worker", "cursor"}``."""
+
+    def __init__(self, spec: str | list[str], cfg: DataConfig, seed: int = 0):
+        super().__init__()
+        self.urls = expand_shards(spec)
+        self.cfg = cfg
+        self.seed = seed
+        self.cursors: dict[int, int] = {}  # global worker id -> raw samples already consumed
+        self.batches = 0  # batches the trainer consumed (DataLoader workers take turns)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Resume from :class:`StreamState` ``state_dict()`` (same worker count required)."""
+        n = get_num_workers(self.cfg)
+        if state.get("num_workers", n) != n:
+            raise ValueError(
+                f"cannot resume the data stream with {n} workers; it was saved with "
+                f"{state['num_workers']} (set data.num_workers back)"
+            )
+        self.cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
+        self.batches = int(state.get("batches", 0))
+
+    def _raw(self, gw: int, total: int) -> Iterator[dict[str, Any]]:
+        """This worker's raw (undecoded) samples, epoch after epoch, shuffled."""
+        by_shard = len(self.urls) >= total
+        for epoch in count():
+            order = list(self.urls)
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            mine = order[gw::total] if by_shard else order
+
+            def samples(mine=mine) -> Iterator[dict[str, Any]]:
+                n = 0
+                for url in mine:
+                    for s in read_tar(url):
+                        if by_shard or n % total == gw:
+                            yield s
+                        n += 1
+
+            rng = random.Random(f"{self.seed}-{epoch}-{gw}")
+            empty = True
+            for s in shuffle_buffer(samples(), self.cfg.shuffle_buffer, rng):
+                empty = False
+                yield s
+            if empty:
+                raise RuntimeError(f"worker {gw} got no samples from {len(mine)} shard(s)")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world_size = world()
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        # the DataLoader asks its workers in turn, starting from worker 0: after `batches`
+        # batches the next one is due from role `batches % nworkers`, so shift the roles
+        wid = (wid + self.batches) % nworkers
+        gw, total = rank * nworkers + wid, world_size * nworkers
+        cursor = self.cursors.get(gw, 0)
+        skipped = {"too_short": 0, "decode_error": 0}
+        raw = self._raw(gw, total)
+        for _ in range(cursor):  # fast-forward on resume: read, do not decode
+            next(raw)
+        for s in raw:
+            cursor += 1
+            key = s["__key__"]
+            meta = json.loads(s["json"]) if "json" in s else {}
+            caption = s.get("txt", b"").decode("utf-8", "replace").strip()
+            rng = random.Random(f"{self.seed}-{key}-{cursor}")
+            item: dict[str, Any] = {"caption": caption, "key": key, "worker": gw, "cursor": cursor}
+            if self.cfg.use_latents and "latents.npy" in s:
+                item["latents"] = torch.from_numpy(np.load(io.BytesIO(s["latents.npy"])))
+            elif "mp4" in s:
+                clip = decode_clip(s["mp4"], self.cfg, rng, meta)
+                if clip.frames is None:
+                    skipped["too_short" if clip.reason == "too_short" else "decode_error"] += 1
+                    continue
+                item["video"] = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)  # (3, F, H, W)
+            else:
+                skipped["decode_error"] += 1
+                continue
+            item |= {f"skipped_{k}": v for k, v in skipped.items()}
+            yield item
+
+
+def get_num_workers(cfg: DataConfig) -> int:
+    return max(1, cfg.num_workers)
+
+
+class StreamState:
+    """What the trainer keeps about the stream: max cursor per worker, batches consumed."""
+
+    def __init__(self, cfg: DataConfig, state: dict[str, Any] | None = None):
+        state = state or {}
+        self.num_workers = get_num_workers(cfg)
+        self.cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
+        self.batches = int(state.get("batches", 0))
+
+    def update(self, batch: dict[str, Any]) -> None:
+        for w, c in zip(batch["worker"].tolist(), batch["cursor"].tolist(), strict=True):
+            self.cursors[w] = max(self.cursors.get(w, 0), c)
+        self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cursors": dict(self.cursors),
+            "batches": self.batches,
+            "num_workers": self.num_workers,
+        }
+
+
+def make_loader(dataset: ShardClips, cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if cfg.num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def to_model_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, 3, F, H, W)`` -> float in [-1, 1]."""
+    return video.float().div(127.5).sub(1.0)
