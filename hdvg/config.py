@@ -52,9 +52,11 @@ class DownloadConfig:
     max_redirects: int = 5
     user_agent: str = "hdvg/0.1 (+https://github.com/hdvg/hdvg)"
     keep: bool = False  # keep downloaded sources under OUT/.work/downloads
-    per_host_concurrency: int = 4
+    per_host_concurrency: int = 4  # downloads in flight per host, across all Ray workers
     rate_limit_per_s: float | None = None  # global requests/s across all workers
-    ytdlp: dict[str, Any] = field(default_factory=dict)
+    per_host_rate_per_s: float | None = None  # requests/s per host across all workers
+    total_timeout_s: float = 3600.0  # one download, start to end (a slow drip is a timeout)
+    ytdlp: dict[str, Any] = field(default_factory=dict)  # hdvg.ytdlp.YtdlpConfig keys
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import PIPELINE_VERSION
 from .config import PipelineConfig
 from .cut import cut_clip, plan_cut
-from .download import DownloadError, fetch
+from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
 from .probe import ProbeError, probe
 from .records import Clip, FrameSample, SourceRecord, SourceResult, SourceTask, clip_key
@@ -59,7 +59,8 @@ class SourceProcessor:
         try:
             with timed(tm, "download"):
                 dest = self.work / "downloads" / f"{task.source_id}.bin"
-                fetched = fetch(task.url, dest, cfg.download)
+                # yt-dlp sources may fetch only a section: the task comes back re-timed
+                fetched, task = fetch_task(task, dest, cfg.download)
             rec.size_bytes, rec.sha256 = fetched.size_bytes, fetched.sha256
             with timed(tm, "probe"):
                 rec.probe = probe(fetched.path, cfg.probe)

@@ -27,6 +27,17 @@ REASONS = {
     "bad_path": "path escapes its folder or has an invalid name",
     "no_scenes": "decoded, but too few frames to form a clip",
     "truncated": "the stream ends well before the duration its container declares",
+    # download taxonomy (HTTP statuses and yt-dlp messages, hdvg.download.classify_text)
+    "unavailable": "the video does not exist or is not available (yt-dlp)",
+    "removed": "taken down: removed by uploader, terminated account, copyright, HTTP 410",
+    "private": "private video",
+    "login_required": "needs a signed-in session or cookies (HTTP 401, members-only, age gate)",
+    "geo_blocked": "not available from this location (HTTP 451, geo restriction)",
+    "rate_limited": "the host throttled us (HTTP 429) after retries",
+    "bot_check": "the host asks for a captcha / 'confirm you are not a bot'",
+    "forbidden": "HTTP 403: access refused (expired link, hotlink or bot protection)",
+    "no_format": "no format at download.ytdlp.min_height or above",
+    "other": "yt-dlp failed for a reason not classified above (see error)",
     # clips
     "too_short": "clip shorter than filters.duration.min_s",
     "too_long": "clip longer than filters.duration.max_s",
