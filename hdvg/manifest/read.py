@@ -134,7 +134,7 @@ def connect(out: str | Path | Out):
 def read_table(o: Out, table: str) -> pa.Table:
     """All parts of one table as Arrow (columns unioned by name)."""
     con = connect(o)
-    return con.execute(f"SELECT * FROM {table}").arrow()
+    return con.sql(f"SELECT * FROM {table}").to_arrow_table()
 
 
 # --- the versioned schema files under manifests/schema --------------------------------
