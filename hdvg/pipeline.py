@@ -24,7 +24,11 @@ from .stages import Stage, StageContext, build_stage
 
 
 def build_stages(cfg: PipelineConfig, section: str) -> list[Stage]:
-    return [build_stage(name, params) for name, params in getattr(cfg, section).items()]
+    stages = [build_stage(name, params) for name, params in getattr(cfg, section).items()]
+    for s in stages:
+        if hasattr(s, "bind"):  # model stages: weights per `models:`, missing ones fail here
+            s.bind(cfg.models)
+    return stages
 
 
 @contextmanager

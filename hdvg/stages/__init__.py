@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import Check, Filter, Stage, StageContext
 from .filters import AspectFilter, DurationFilter, LetterboxFilter, ResolutionFilter
+from .models import STAGES as MODEL_STAGES
 
 REGISTRY: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (DurationFilter, ResolutionFilter, AspectFilter, LetterboxFilter)
+    cls.name: cls
+    for cls in (DurationFilter, ResolutionFilter, AspectFilter, LetterboxFilter, *MODEL_STAGES)
 }
 
 

@@ -1,0 +1,160 @@
+"""Frames of a cut clip, decoded once for every frame-reading stage.
+
+All model stages of a recipe (captions, CLIP, aesthetic, watermark, motion, overlay, text)
+read the same few frames of a clip. `get_frames(clip)` decodes them from `clip.data` with
+PyAV the first time any stage asks and caches them beside the clip object for as long as
+that object lives: one decode per clip per actor call. The cache is keyed by the object's
+identity and emptied by a `weakref.finalize` when the clip is collected (after the actor
+pickles its results), so frames never travel between Ray stages (DESIGN: pass bytes, not
+frames) and no stage has to know whether it is the last one to read them.
+
+Derived per-clip values (a CLIP embedding shared by three stages) ride the same cache via
+`memo(clip, key, fn)`.
+"""
+
+from __future__ import annotations
+
+import io
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """Which frames to decode: `n` spread evenly over the clip, plus the exact middle one
+    (HD-VG-130M captions the middle frame), each with the frame right after it (optical
+    flow wants neighbours, not frames a second apart)."""
+
+    n: int = 8
+    max_side: int = 640  # long side after downscaling; the models resize further anyway
+
+
+DEFAULT_SPEC = FrameSpec()
+
+
+@dataclass
+class Frames:
+    images: np.ndarray  # (N, H, W, 3) uint8 RGB, in time order
+    nexts: np.ndarray  # (N, H, W, 3) uint8 RGB: the frame following each of `images`
+    indices: list[int]  # frame index of each image within the clip
+    middle: int  # position in `images` of the clip's middle frame
+    n_frames: int  # frames in the clip
+    fps: float
+    width: int  # of the clip as written (the images are downscaled)
+    height: int
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """Clip pixels per image pixel."""
+        return self.width / self.images.shape[2]
+
+    def gray(self) -> np.ndarray:
+        """(N, H, W) uint8 luma (BT.601), computed once."""
+        if "_gray" not in self.memo:
+            self.memo["_gray"] = _luma(self.images)
+        return self.memo["_gray"]
+
+    def gray_nexts(self) -> np.ndarray:
+        if "_gray_next" not in self.memo:
+            self.memo["_gray_next"] = _luma(self.nexts)
+        return self.memo["_gray_next"]
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(y + 0.5, 0, 255).astype(np.uint8)
+
+
+def sample_indices(n_frames: int, n: int) -> tuple[list[int], int]:
+    """`n` indices at the centres of `n` equal spans, plus the middle frame; (sorted, middle pos)."""
+    mid = n_frames // 2
+    idx = {min(n_frames - 1, int((i + 0.5) * n_frames / n)) for i in range(n)} | {mid}
+    out = sorted(idx)
+    return out, out.index(mid)
+
+
+def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC) -> Frames:
+    """Decode the sampled frames (and their successors) of an mp4 held in memory.
+
+    Two passes over the bytes: packets are counted first (no decoding) so the sample points
+    are known, then one sequential decode converts only the frames it keeps; the scaler
+    downsizes in C. Raises `ValueError` on a clip without decodable frames.
+    """
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        n_frames = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    if n_frames == 0:
+        raise ValueError("no video frames")
+    indices, middle = sample_indices(n_frames, spec.n)
+    want = set(indices)
+    want_next = {i + 1 for i in indices}
+    images: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        fps = float(vs.average_rate or vs.guessed_rate or 25.0)
+        w0, h0 = vs.codec_context.width, vs.codec_context.height
+        s = min(1.0, spec.max_side / max(w0, h0))
+        w, h = max(2, round(w0 * s / 2) * 2), max(2, round(h0 * s / 2) * 2)
+        last = max(want_next)
+        for i, frame in enumerate(c.decode(vs)):
+            if i in want or i in want_next:
+                images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
+            if i >= last:
+                break
+    if not images:
+        raise ValueError("no frame decoded")
+    got = sorted(images)
+    # a clip may hold fewer decodable frames than packets: fall back to the nearest decoded
+    near = {i: images[min(got, key=lambda g: abs(g - i))] for i in indices}
+    nexts = [images.get(i + 1, near[i]) for i in indices]
+    return Frames(
+        images=np.stack([near[i] for i in indices]),
+        nexts=np.stack(nexts),
+        indices=indices,
+        middle=middle,
+        n_frames=n_frames,
+        fps=fps,
+        width=w0,
+        height=h0,
+    )
+
+
+# id(clip) -> Frames. Entries leave when their clip is garbage-collected.
+_CACHE: dict[int, Frames] = {}
+
+
+def get_frames(clip: Any, spec: FrameSpec = DEFAULT_SPEC) -> Frames:
+    """The clip's frames, decoded on first use and shared by every later stage."""
+    key = id(clip)
+    fr = _CACHE.get(key)
+    if fr is None:
+        if clip.data is None:
+            raise ValueError(f"clip {clip.clip_id} has no mp4 data")
+        fr = decode_frames(clip.data, spec)
+        _CACHE[key] = fr
+        weakref.finalize(clip, _CACHE.pop, key, None)
+    return fr
+
+
+def memo(clip: Any, key: str, fn: Callable[[Frames], Any]) -> Any:
+    """A value derived from the clip's frames, computed once per clip (e.g. an embedding)."""
+    fr = get_frames(clip)
+    if key not in fr.memo:
+        fr.memo[key] = fn(fr)
+    return fr.memo[key]
+
+
+def release(clip: Any) -> None:
+    """Drop a clip's frames now (the cache also empties itself when the clip is collected)."""
+    _CACHE.pop(id(clip), None)
+
+
+def cached_count() -> int:
+    return len(_CACHE)

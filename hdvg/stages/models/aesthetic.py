@@ -1,0 +1,46 @@
+"""Aesthetic score: the LAION aesthetic predictor (an MLP on CLIP ViT-L/14 image
+embeddings, github.com/christophschuhmann/improved-aesthetic-predictor), averaged over
+the clip's frames. Scores are on LAION's 1-10 scale; LAION-Aesthetics used ≥ 4.5-5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...frames import Frames
+from ...models import WeightRef, resolve_head
+from ..base import Check
+from .clip_backbone import BackboneConfig
+from .clip_filter import ClipFilter
+from .heads import load_head
+
+
+@dataclass
+class AestheticConfig(BackboneConfig):
+    head: str = "sac+logos+ava1-l14-linearMSE.pth"  # absolute, or under $HDVG_WEIGHTS
+    min_score: float | None = 4.5  # below: reason low_aesthetic
+
+
+class AestheticFilter(ClipFilter):
+    name = "aesthetic"
+    Config = AestheticConfig
+    score_columns = ("aesthetic_score",)
+
+    def weights(self) -> list[WeightRef]:
+        return [*super().weights(), resolve_head(self.name, self.cfg.head)]
+
+    def setup(self) -> None:
+        super().setup()
+        ref = self.weights()[1]
+        self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
+
+    def score_embeddings(self, frames: list[Frames], emb: list[np.ndarray]):
+        import torch
+
+        with torch.no_grad():
+            y = self.head(torch.from_numpy(np.stack(emb)).float())[:, 0].numpy()
+        return [{"aesthetic_score": float(v)} for v in y]
+
+    def checks(self) -> list[Check]:
+        return [Check("aesthetic_score", ">=", self.cfg.min_score, "low_aesthetic")]

@@ -1,0 +1,28 @@
+"""Base of the filters scored from the shared CLIP image embedding."""
+
+from __future__ import annotations
+
+from ...frames import Frames
+from ...models import WeightRef
+from .base import FrameFilter, ModelMixin
+from .clip_backbone import Backbone
+
+
+class ClipFilter(ModelMixin, FrameFilter):
+    uses_model = True
+
+    def backbone(self) -> Backbone:
+        if getattr(self, "_backbone", None) is None:
+            self._backbone = Backbone(self.name, self.cfg, self.models)
+        return self._backbone
+
+    def weights(self) -> list[WeightRef]:
+        self._backbone = None  # `models:` may have changed since (bind)
+        return [self.backbone().ref()]
+
+    def setup(self) -> None:
+        self.resolved()
+        self.backbone().load()
+
+    def score_batch(self, frames: list[Frames]) -> list[dict[str, float | None]]:
+        return self.score_embeddings(frames, self.backbone().image_embeddings(frames))

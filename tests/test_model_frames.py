@@ -1,0 +1,150 @@
+"""Weight-free model stages on real, moving media made by ffmpeg at test time: the static
+overlay detector (burned-in channel name / corner logo, letterbox, static shot), motion
+and text area; and the shared one-decode-per-clip frame cache."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from hdvg import ffmpeg, frames
+from hdvg.records import Clip
+from hdvg.stages import build_stage
+
+W, H = 640, 360
+MOVING = f"mandelbrot=size={W}x{H}:rate=25"  # zooms: every region of the picture changes
+
+
+def _make(path, src: str, vf: str | None = None, extra_inputs: list[str] | None = None) -> bytes:
+    args = ["-y", "-f", "lavfi", "-i", src, *(extra_inputs or []), "-t", "3"]
+    if vf:
+        args += ["-filter_complex" if extra_inputs else "-vf", vf]
+    args += ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "26", "-pix_fmt", "yuv420p",
+             "-an", str(path)]  # fmt: skip
+    ffmpeg.run(args, 120, what="test media")
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory):
+    d = tmp_path_factory.mktemp("overlay")
+    text = "drawtext=text='CH7 NEWS':x=w-tw-20:y=20:fontsize=26:fontcolor=white@0.9:box=1:boxcolor=black@0.4"
+    return {
+        "clean": _make(d / "clean.mp4", MOVING),
+        "channel": _make(d / "channel.mp4", MOVING, text),
+        # a corner logo: a white badge with a dark ring, composited with `overlay`
+        "logo": _make(d / "logo.mp4", MOVING,
+                      "[1:v]drawbox=x=8:y=8:w=48:h=24:color=black@0.8:t=4[l];[0:v][l]overlay=16:H-h-16",
+                      ["-f", "lavfi", "-i", "color=c=white:s=64x40:r=25"]),  # fmt: skip
+        "static": _make(d / "static.mp4", MOVING,
+                        "select=eq(n\\,0),loop=loop=80:size=1:start=0,setpts=N/25/TB,"
+                        "noise=alls=3:allf=t"),  # fmt: skip
+        # 2.39:1 picture letterboxed in 16:9, a channel name inside the bottom bar
+        "letterbox": _make(d / "lb.mp4", f"mandelbrot=size={W}x268:rate=25",
+                           "pad=640:360:0:46:black"),  # fmt: skip
+        "letterbox_logo": _make(d / "lbl.mp4", f"mandelbrot=size={W}x268:rate=25",
+                                "pad=640:360:0:46:black,drawtext=text='CH7':x=w-tw-20:"
+                                "y=h-th-10:fontsize=24:fontcolor=white"),  # fmt: skip
+        "text": _make(d / "text.mp4", MOVING, ",".join(
+            f"drawtext=text='{t}':x=20:y={40 + 60 * i}:fontsize=30:fontcolor=white"
+            for i, t in enumerate(["Lorem ipsum dolor sit amet", "consectetur adipiscing elit",
+                                   "do eiusmod tempor incididunt", "ut labore et dolore magna"]))),
+    }  # fmt: skip
+
+
+def _clip(data: bytes, name: str = "c") -> Clip:
+    return Clip(f"{name}_0000", name, f"file:///{name}.mp4", 0, 0.0, 3.0, 0, 75, 3.0, W, H, 25.0,
+                data=data)  # fmt: skip
+
+
+def _run(stage_name: str, data: bytes, **params) -> Clip:
+    st = build_stage(stage_name, params)
+    st.setup()
+    c = _clip(data)
+    st.process_batch([c], [None])
+    return c
+
+
+def _box(c: Clip) -> tuple[float, float, float, float]:
+    return tuple(c.scores[k] for k in ("overlay_x", "overlay_y", "overlay_w", "overlay_h"))
+
+
+def _inside(box, region) -> bool:
+    """The detected box lies within the expected region (x0, y0, x1, y1), in clip pixels."""
+    x, y, w, h = box
+    x0, y0, x1, y1 = region
+    return x >= x0 and y >= y0 and x + w <= x1 and y + h <= y1
+
+
+def test_channel_name_flagged_with_box(vids):
+    c = _run("static_overlay", vids["channel"])
+    assert c.status == "rejected" and c.reason == "watermark"
+    assert c.scores["overlay_score"] > 0.8
+    # drawtext at top right: x from ~490 to 620, y from 20 to ~50 (plus its box)
+    assert _inside(_box(c), (440, 5, 640, 70)), _box(c)
+    assert c.scores["overlay_w"] >= 60
+
+
+def test_corner_logo_flagged_with_box(vids):
+    c = _run("static_overlay", vids["logo"])
+    assert c.reason == "watermark"
+    assert _inside(_box(c), (5, 360 - 16 - 40 - 12, 16 + 64 + 12, 355)), _box(c)
+
+
+def test_same_clip_without_overlay_not_flagged(vids):
+    c = _run("static_overlay", vids["clean"])
+    assert c.status == "accepted"
+    assert c.scores["overlay_score"] < 0.2 and c.scores["overlay_x"] is None
+    assert c.scores["moving_fraction"] > 0.5
+
+
+def test_static_shot_is_not_a_watermark(vids):
+    c = _run("static_overlay", vids["static"])
+    assert c.status == "accepted" and c.scores["overlay_score"] == 0.0
+    assert c.scores["moving_fraction"] < 0.05
+
+
+def test_letterbox_seam_is_not_an_overlay_but_a_logo_in_the_bar_is(vids):
+    bars = _run("static_overlay", vids["letterbox"])
+    assert bars.status == "accepted", bars.scores
+    logo = _run("static_overlay", vids["letterbox_logo"])
+    assert logo.reason == "watermark"
+    assert _inside(_box(logo), (540, 314, 640, 360)), _box(logo)
+
+
+def test_motion_drops_static_clip_keeps_moving(vids):
+    still = _run("motion", vids["static"])
+    assert still.reason == "low_motion" and still.scores["motion_score"] < 0.01
+    moving = _run("motion", vids["clean"])
+    assert moving.status == "accepted" and moving.scores["motion_score"] > 0.05
+
+
+def test_text_area_flags_heavy_text_only(vids):
+    heavy = _run("text_area", vids["text"])
+    assert heavy.reason == "text", heavy.scores
+    for name in ("clean", "channel", "logo"):  # a small channel name is not heavy text
+        c = _run("text_area", vids[name])
+        assert c.status == "accepted", (name, c.scores)
+
+
+def test_frames_decoded_once_and_freed(vids, monkeypatch):
+    calls = []
+    real = frames.decode_frames
+    monkeypatch.setattr(frames, "decode_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages = [build_stage(n, {}) for n in ("static_overlay", "motion", "text_area")]
+    c = _clip(vids["channel"])
+    for st in stages:
+        st.process_batch([c], [None])
+    assert len(calls) == 1 and frames.cached_count() >= 1
+    fr = frames.get_frames(c)
+    assert fr.images.shape[1:] == (360, 640, 3) and fr.indices[fr.middle] == fr.n_frames // 2
+    del c, fr
+    gc.collect()
+    assert frames.cached_count() == 0
+
+
+def test_undecodable_clip_fails_with_reason():
+    c = _clip(b"not an mp4")
+    build_stage("motion", {}).process_batch([c], [None])
+    assert c.status == "failed" and c.reason == "decode_error"
