@@ -29,7 +29,7 @@ class RayConfig:
     num_cpus: int | None = None  # embedded Ray only; None = all cores
     object_store_mb: int | None = None
     preserve_order: bool = True  # deterministic shard order (same input → same bytes)
-    max_task_retries: int = 3  # a task on a dead worker is retried this many times
+    max_task_retries: int = 3  # a source whose worker died is retried this often, then fails
     stall_timeout_s: float = 900.0  # watchdog: fail loudly when no source finishes for this long
     source_cpus: float = 1.0  # CPUs reserved per source task (download → cut)
     executor: str = "ray"  # "ray" | "serial" (debugging, no Ray)

@@ -74,8 +74,9 @@ class SourceProcessor:
                     task.start_s, task.end_s,
                 )  # fmt: skip
             rec.n_frames, rec.n_scenes = scenes.n_frames, len(scenes.spans)
-            if scenes.n_frames == 0:
-                rec.fail("no_scenes", "no frames decoded")
+            if scenes.n_frames < max(1, cfg.scenes.min_scene_frames):
+                # a 1-frame "video" is a still image: no clip can be formed from it
+                rec.fail("no_scenes", f"decoded {scenes.n_frames} frame(s)")
                 return result
             decoded_s = scenes.pts[-1] if scenes.pts else 0.0
             declared = rec.probe.duration_s

@@ -15,6 +15,7 @@ REASONS = {
     # sources
     "empty": "zero-byte input",
     "not_found": "local path or object does not exist",
+    "not_a_file": "local path is a directory, FIFO or device, not a regular file",
     "not_video": "no decodable video stream (HTML page, audio-only, random bytes)",
     "decode_error": "the video stream could not be decoded",
     "bad_header": "header declares an impossible size, rate or duration",
@@ -27,6 +28,7 @@ REASONS = {
     "bad_path": "path escapes its folder or has an invalid name",
     "no_scenes": "decoded, but too few frames to form a clip",
     "truncated": "the stream ends well before the duration its container declares",
+    "worker_lost": "its worker process died on every attempt (ray.max_task_retries + 1)",
     # download taxonomy (HTTP statuses and yt-dlp messages, hdvg.download.classify_text)
     "unavailable": "the video does not exist or is not available (yt-dlp)",
     "removed": "taken down: removed by uploader, terminated account, copyright, HTTP 410",

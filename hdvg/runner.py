@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import pickle
+import shutil
 import sys
 import threading
 import time
@@ -23,8 +25,8 @@ from typing import Any
 from . import PIPELINE_VERSION, __version__
 from .config import PipelineConfig
 from .manifest.writer import DatasetWriter, Ledger
-from .pipeline import SourceProcessor, apply_stages, build_stages, manifest_meta
-from .records import SourceResult, SourceTask
+from .pipeline import SourceProcessor, build_stages, manifest_meta
+from .records import SourceRecord, SourceResult, SourceTask
 from .sources import read_sources
 
 
@@ -42,13 +44,35 @@ _PROCESSORS: dict[str, SourceProcessor] = {}
 
 
 def _source_fn(row: dict[str, Any], cfg: PipelineConfig, out: str) -> dict[str, Any]:
-    key = cfg.hash() + out
-    proc = _PROCESSORS.get(key)
-    if proc is None:  # stages set up once per worker process, not per source
-        proc = _PROCESSORS[key] = SourceProcessor(cfg, out)
     task: SourceTask = pickle.loads(row["task"])
-    result = proc(task)
+    # Ray retries a task whose worker died (SIGKILL, OOM, node loss) without limit; a
+    # source that kills its worker every time would loop forever, so attempts are counted
+    # on disk (they survive the dead worker) and the source fails after max_task_retries.
+    marker = Path(out) / ".work" / "attempts" / task.source_id
+    attempts = _count_attempt(marker)
+    if attempts > cfg.ray.max_task_retries + 1:
+        rec = SourceRecord(task.source_id, task.url, task.order, input_id=task.input_id,
+                           input_caption=task.input_caption)  # fmt: skip
+        rec.fail("worker_lost", f"its worker died on {attempts - 1} attempts (ray.max_task_retries)")
+        result = SourceResult(rec)
+    else:
+        key = cfg.hash() + out
+        proc = _PROCESSORS.get(key)
+        if proc is None:  # stages set up once per worker process, not per source
+            proc = _PROCESSORS[key] = SourceProcessor(cfg, out)
+        result = proc(task)
+    marker.unlink(missing_ok=True)
     return {"order": row["order"], "source_id": task.source_id, "result": pickle.dumps(result)}
+
+
+def _count_attempt(marker: Path) -> int:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        n = int(marker.read_text() or 0) + 1
+    except (FileNotFoundError, ValueError):
+        n = 1
+    marker.write_text(str(n))
+    return n
 
 
 class ModelStageActor:
@@ -136,7 +160,8 @@ def _init_ray(cfg: PipelineConfig, address: str | None):
             "logging_level": logging.WARNING,
             "log_to_driver": False,
         }
-        addr = address or cfg.ray.address
+        # under `ray job submit` (and KubeRay) RAY_ADDRESS names the cluster to join
+        addr = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if addr:
             kwargs["address"] = addr
         else:
@@ -156,13 +181,10 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
     ray = _init_ray(cfg, address)
     items = [{"order": t.order, "task": pickle.dumps(t)} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 100_000)))
-    ds = ds.map(
-        _source_fn,
-        fn_kwargs={"cfg": cfg, "out": out},
-        num_cpus=cfg.ray.source_cpus,
-        max_retries=cfg.ray.max_task_retries,
-        retry_exceptions=False,  # per-source errors are rows already; retry only lost workers
-    )
+    # Ray Data retries tasks and restarts actors lost with their worker by default (and
+    # never retries user exceptions: per-source errors are rows already); `_source_fn`
+    # bounds the retries per source itself, so no deprecated `ray_remote_args` are needed.
+    ds = ds.map(_source_fn, fn_kwargs={"cfg": cfg, "out": out}, num_cpus=cfg.ray.source_cpus)
     if any(s.uses_model for s in build_stages(cfg, "clip_stages")):
         import torch
 
@@ -174,8 +196,6 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
             concurrency=cfg.models.actors,
             num_gpus=gpus,
             num_cpus=0 if gpus else 1,
-            max_restarts=cfg.ray.max_task_retries,
-            max_task_retries=cfg.ray.max_task_retries,
         )
         del torch
     for row in ds.iter_rows():
@@ -233,6 +253,8 @@ def curate(
     if limit is not None:
         tasks = tasks[:limit]
     _prepare_out(out)
+    # worker-death counts of an earlier, killed run do not carry over (see `_source_fn`)
+    shutil.rmtree(out / ".work" / "attempts", ignore_errors=True)
     ledger = Ledger(out)
     if retry_failed:
         from .manifest.writer import drop_failed_sources
