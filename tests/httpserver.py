@@ -62,6 +62,9 @@ class LocalServer:
         self.lifetime_s = lifetime_s
         self.routes: dict[str, Route] = {}
         self.log: list[tuple[str, str, dict[str, str]]] = []
+        self.started: list[tuple[float, str]] = []  # (monotonic time, path) per request
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests served at once (for concurrency limits)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
@@ -157,6 +160,16 @@ def _make_handler(server: LocalServer):
             path = self.path.split("?", 1)[0]
             with server._lock:
                 server.log.append((self.command, path, dict(self.headers)))
+                server.started.append((time.monotonic(), path))
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            try:
+                self._respond(path, head)
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
+
+        def _respond(self, path: str, head: bool) -> None:
             route = self._pick(path)
             if route is None:
                 route = Route(status=404, body="<html><body>Not Found</body></html>",
