@@ -68,7 +68,15 @@ def read_sources(spec: str | Path) -> list[SourceTask]:
         elif suffix == ".json":
             from .hdvg_meta import read_hdvg_metadata
 
-            return read_hdvg_metadata(p)
+            data = json.loads(p.read_text())
+            if (
+                isinstance(data, list)
+                and data
+                and not any(isinstance(e, dict) and ("clip" in e or "clips" in e) for e in data)
+            ):
+                rows = data  # a plain JSON list of {"url": ...} rows, like .jsonl
+            else:
+                return read_hdvg_metadata(p)
         else:
             raise SourceListError(
                 f"unsupported input list {p.name}: use a directory, .txt, .csv, .jsonl, "

@@ -108,3 +108,9 @@ def test_curate_keeps_given_scene_cuts(ray_local, media_dir, tmp_path):
             assert r["shard"] and abs(r["duration_s"] - (b - a) / r["fps"]) <= 1.01 / r["fps"]
     sources = pq.read_table(out / "manifest" / "sources").to_pylist()
     assert sorted(s["input_id"] for s in sources) == ["hdvgSample1", "hdvgSample2"]
+
+
+def test_plain_json_list_is_a_source_list(tmp_path):
+    p = _write(tmp_path, [{"url": "https://x.invalid/a.mp4", "caption": "c", "start": 1.5}])
+    (t,) = read_sources(p)
+    assert (t.input_caption, t.start_s, t.given_scenes) == ("c", 1.5, None)
