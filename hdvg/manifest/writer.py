@@ -118,7 +118,8 @@ class DatasetWriter:
         self.ledger = ledger or Ledger(self.out)
         self.shard_index = self.ledger.next_shard
         self.part_index = self.ledger.next_part
-        self.shard: ShardWriter | None = None
+        self.pending: list[tuple[str, Path, str, dict[str, Any]]] = []
+        self.pending_bytes = 0
         self.clip_rows: list[dict[str, Any]] = []
         self.source_rows: list[dict[str, Any]] = []
         self.shards_written: list[str] = []
@@ -127,52 +128,62 @@ class DatasetWriter:
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
 
     def add(self, result: SourceResult) -> None:
-        accepted = sorted((c for c in result.clips if c.alive and c.data), key=lambda c: c.clip_id)
+        accepted = [c for c in result.clips if c.alive and c.data]
         if accepted:
             size = sum(len(c.data) for c in accepted)
-            if self.shard is not None and (
-                self.shard.samples + len(accepted) > self.max_samples
-                or self.shard.bytes + size > self.max_bytes
+            if self.pending and (
+                len(self.pending) + len(accepted) > self.max_samples
+                or self.pending_bytes + size > self.max_bytes
             ):
                 self.commit()
-            if self.shard is None:
-                self.shard = ShardWriter(self.out / "shards", self.shard_index, self.mtime)
-                self.shard_index += 1
-        for clip in sorted(result.clips, key=lambda c: c.clip_id):
+        spool = self.out / ".work" / "spool"
+        spool.mkdir(parents=True, exist_ok=True)
+        for clip in result.clips:
             if clip.alive and clip.data:
+                # spooled to disk until the shard closes: the tar is written in key order
+                # (members sorted across the whole shard) without holding clips in memory
                 clip.sha256 = hashlib.sha256(clip.data).hexdigest()
-                row = clip_row(clip, self.meta, self.score_columns)
-                row = self.shard.add(clip.clip_id, clip.data, clip.caption or "", row)
-                clip.shard, clip.tar_offset = row["shard"], row["tar_offset"]
-                clip.data = None  # written: let the bytes go
+                path = spool / f"{clip.clip_id}.mp4"
+                path.write_bytes(clip.data)
+                self.pending_bytes += len(clip.data)
+                clip.data = None
+                self.pending.append((clip.clip_id, path, clip.caption or "",
+                                     clip_row(clip, self.meta, self.score_columns)))  # fmt: skip
             else:
                 clip.data = None
-                row = clip_row(clip, self.meta, self.score_columns)
-            self.clip_rows.append(row)
+                self.clip_rows.append(clip_row(clip, self.meta, self.score_columns))
         self.source_rows.append(source_row(result.source, self.meta))
-        if self.shard is None and len(self.source_rows) >= FLUSH_EVERY:
+        if not self.pending and len(self.source_rows) >= FLUSH_EVERY:
             self.commit()
 
     def commit(self) -> None:
         """Make the current shard and all pending rows durable, atomically enough to resume."""
-        if not self.source_rows and self.shard is None:
+        if not self.source_rows and not self.pending:
             return
+        shard = None
+        if self.pending:
+            shard = ShardWriter(self.out / "shards", self.shard_index, self.mtime)
+            self.shard_index += 1
+            for key, path, caption, row in sorted(self.pending, key=lambda p: p[0]):
+                self.clip_rows.append(shard.add(key, path.read_bytes(), caption, row))
+            shard.close()
         part = f"part-{self.part_index:06d}.parquet"
         self.part_index += 1
         clips_tmp = self.out / "manifest" / "clips" / (part + ".tmp")
         sources_tmp = self.out / "manifest" / "sources" / (part + ".tmp")
+        rows = sorted(self.clip_rows, key=lambda r: r["clip_id"])
         pq.write_table(
-            pa.Table.from_pylist(self.clip_rows, schema=clips_schema(self.score_columns)), clips_tmp
+            pa.Table.from_pylist(rows, schema=clips_schema(self.score_columns)), clips_tmp
         )
         pq.write_table(pa.Table.from_pylist(self.source_rows, schema=sources_schema()), sources_tmp)
-        if self.shard is not None:
-            self.shard.close()
-            self.shard.commit()
-            self.shards_written.append(self.shard.name)
-            self.shard = None
+        if shard is not None:
+            shard.commit()
+            self.shards_written.append(shard.name)
         os.replace(clips_tmp, clips_tmp.with_suffix(""))
         os.replace(sources_tmp, sources_tmp.with_suffix(""))
-        self.clip_rows, self.source_rows = [], []
+        for _, path, _, _ in self.pending:
+            path.unlink(missing_ok=True)
+        self.clip_rows, self.source_rows, self.pending, self.pending_bytes = [], [], [], 0
 
     def close(self) -> None:
         self.commit()
