@@ -72,13 +72,16 @@ def test_variants_merge_and_errors(tmp_path):
             read_hdvg_metadata(_write(tmp_path, data))
 
 
-def test_curate_keeps_given_scene_cuts(ray_local, media_dir, tmp_path):
+def test_curate_keeps_given_scene_cuts(ray_local, tmp_path):
+    from hdvg import media
     from hdvg.config import load_pipeline
+    from hdvg.media import VideoSpec
     from hdvg.runner import curate
 
-    # the sample's spans are laid out on two of the test videos: rewrite its URLs to them
+    # the sample's spans are laid out on two videos with known cuts: rewrite its URLs to them
+    specs = [VideoSpec(1280, 720, 25, (2.4, 3.0, 2.6)), VideoSpec(1280, 720, 30, (2.5, 3.2))]
+    local = [media.make_video(tmp_path / f"src{i}.mp4", sp) for i, sp in enumerate(specs)]
     data = json.loads(SAMPLE.read_text())
-    local = [media_dir["hd1080.mp4"].path, media_dir["hd720.mp4"].path]  # 25 fps, 30 fps
     for entry, path in zip(data, local, strict=True):
         entry["url"] = path.as_uri()
     meta = _write(tmp_path, data)
