@@ -107,7 +107,7 @@ def resolve_open_clip(stage: str, arch: str, pretrained: str | None, path: str |
     if path:
         p = Path(path).expanduser()
         found = (p / "open_clip_config.json").is_file() if p.is_dir() else p.is_file()
-        name = arch if not p.is_dir() else f"{arch or p.name}"
+        name = p.name if p.is_dir() or not p.exists() else arch
         return WeightRef(stage, "open_clip", name, str(p), found, str(p) if found else None,
                          local_revision(p) if found else None,
                          f"set clip_stages.{stage}.path to an open_clip folder or checkpoint")  # fmt: skip

@@ -1,10 +1,16 @@
 """Model-backed clip stages (run after the cut on the clip's frames). One file per stage;
 weights resolve through `hdvg.models`; frames come from `hdvg.frames` (one decode per clip)."""
 
+from .aesthetic import AestheticFilter
+from .caption import CaptionStage
+from .clip_score import ClipScoreFilter
 from .motion import MotionFilter
 from .overlay import StaticOverlayFilter
 from .text_area import TextAreaFilter
+from .watermark import WatermarkFilter
 
-STAGES = (StaticOverlayFilter, MotionFilter, TextAreaFilter)
+STAGES = (StaticOverlayFilter, MotionFilter, TextAreaFilter, WatermarkFilter, AestheticFilter,
+          CaptionStage, ClipScoreFilter)  # fmt: skip
 
-__all__ = ["STAGES", "MotionFilter", "StaticOverlayFilter", "TextAreaFilter"]
+__all__ = ["STAGES", "AestheticFilter", "CaptionStage", "ClipScoreFilter", "MotionFilter",
+           "StaticOverlayFilter", "TextAreaFilter", "WatermarkFilter"]  # fmt: skip

@@ -32,7 +32,7 @@ class AestheticFilter(ClipFilter):
 
     def setup(self) -> None:
         super().setup()
-        ref = self.weights()[1]
+        ref = resolve_head(self.name, self.cfg.head)
         self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
 
     def score_embeddings(self, frames: list[Frames], emb: list[np.ndarray]):

@@ -16,8 +16,11 @@ class ClipFilter(ModelMixin, FrameFilter):
             self._backbone = Backbone(self.name, self.cfg, self.models)
         return self._backbone
 
+    def bind(self, models, check: bool = True) -> None:
+        self._backbone = None  # built for the `models:` section now bound
+        super().bind(models, check)
+
     def weights(self) -> list[WeightRef]:
-        self._backbone = None  # `models:` may have changed since (bind)
         return [self.backbone().ref()]
 
     def setup(self) -> None:

@@ -1,0 +1,180 @@
+"""Captions: BLIP-2 on the clip's middle frame (as HD-VG-130M did), BLIP selectable,
+multi-frame selectable; batched generation, bf16 on GPU.
+
+Throughput: while the accelerator generates one batch, a CPU thread decodes the next
+clips' frames (`hdvg.frames`, shared with the other stages) and runs the processor, so
+the model is fed as it would be by a direct loop over ready tensors.
+
+Multi-frame (`frames: multi`): each of `n_frames` frames is captioned and the caption
+agreeing most with the others (mean word overlap) is kept: a consensus, not a summary.
+`caption_model` records `name@revision` with every caption.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...frames import get_frames
+from ...models import WeightRef, device_for, resolve_hf
+from ...records import Clip
+from ..base import Stage, StageContext
+from .base import ModelMixin
+
+BACKENDS = {  # backend -> (default model, transformers class)
+    "blip2": ("Salesforce/blip2-opt-2.7b", "Blip2ForConditionalGeneration"),
+    "blip": ("Salesforce/blip-image-captioning-large", "BlipForConditionalGeneration"),
+}
+
+
+@dataclass
+class CaptionConfig:
+    backend: str = "blip2"  # blip2 | blip
+    model: str | None = None  # HF name; default per backend
+    revision: str | None = None
+    path: str | None = None  # a save_pretrained folder instead of the HF cache
+    frames: str = "middle"  # middle | multi
+    n_frames: int = 3  # multi: frames captioned per clip
+    batch_size: int = 32  # images per generate() call
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0  # benchmarks fix the length: min = max
+    num_beams: int = 1
+    prompt: str | None = None  # BLIP-2: e.g. "a video of"; None: unconditional
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    prefetch: int = 2  # batches prepared ahead on a CPU thread
+
+    def validate(self) -> None:
+        from ...config import ConfigError
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"caption.backend must be one of {', '.join(BACKENDS)}")
+        if self.frames not in ("middle", "multi"):
+            raise ConfigError("caption.frames must be 'middle' or 'multi'")
+
+
+def consensus(captions: list[str]) -> str:
+    """The caption sharing the most words with the others (first on ties)."""
+    if len(captions) <= 2:
+        return captions[len(captions) // 2] if len(captions) == 2 else captions[0]
+    sets = [set(c.lower().split()) for c in captions]
+
+    def agree(i: int) -> float:
+        return sum(
+            len(sets[i] & s) / max(1, len(sets[i] | s)) for j, s in enumerate(sets) if j != i
+        )
+
+    return captions[max(range(len(captions)), key=agree)]
+
+
+class CaptionStage(ModelMixin, Stage):
+    name = "caption"
+    Config = CaptionConfig
+    needs = "clip"
+    uses_model = True
+
+    @property
+    def model_name(self) -> str:
+        if self.cfg.model:
+            return self.cfg.model
+        if self.cfg.path:  # a local folder is named by itself, not by the default model
+            return self.cfg.path.rstrip("/").rsplit("/", 1)[-1]
+        return BACKENDS[self.cfg.backend][0]
+
+    def weights(self) -> list[WeightRef]:
+        c = self.cfg
+        return [resolve_hf(self.name, self.model_name, c.revision, c.path, self.models)]
+
+    def setup(self) -> None:
+        import torch
+        import transformers
+
+        (ref,) = self.resolved()
+        device = device_for(self.models)
+        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[self.cfg.dtype]  # fmt: skip
+        src = ref.resolved or self.model_name
+        kw: dict[str, Any] = {"local_files_only": not self.models.allow_download}
+        if not ref.resolved:
+            kw.update(revision=self.cfg.revision, cache_dir=ref.where.split(" ")[0])
+        cls = getattr(transformers, BACKENDS[self.cfg.backend][1])
+        processor = transformers.AutoProcessor.from_pretrained(src, **kw)
+        model = cls.from_pretrained(src, dtype=dtype, **kw).to(device).eval()
+        self.attach(model, processor, ref.label)
+
+    def attach(self, model, processor, label: str) -> None:
+        """Use an already-built model (the benchmark builds an 8 GB random one in place)."""
+        self.model, self.processor, self.label = model, processor, label
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # --- per batch ----------------------------------------------------------------------
+
+    def _images(self, clip: Clip) -> list[np.ndarray]:
+        fr = get_frames(clip)
+        if self.cfg.frames == "middle":
+            return [fr.images[fr.middle]]
+        k = min(self.cfg.n_frames, len(fr.images))
+        return [fr.images[int(i)] for i in np.linspace(0, len(fr.images) - 1, k)]
+
+    def _prepare(self, clips: list[Clip]):
+        """CPU side of one batch: decode frames, run the processor (a worker thread)."""
+        owners, images, failed = [], [], []
+        for c in clips:
+            try:
+                imgs = self._images(c)
+            except Exception as e:  # noqa: BLE001 - this clip's failure, not the batch's
+                failed.append((c, str(e)))
+                continue
+            owners += [c] * len(imgs)
+            images += imgs
+        if not images:
+            return owners, None, failed
+        kw: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+        if self.cfg.prompt:
+            kw.update(text=[self.cfg.prompt] * len(images), padding=True)
+        inputs = self.processor(**kw)
+        if self.device.type == "cuda":
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        return owners, inputs, failed
+
+    def _generate(self, inputs) -> list[str]:
+        import torch
+
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.cfg.max_new_tokens,
+                min_new_tokens=self.cfg.min_new_tokens, num_beams=self.cfg.num_beams,
+                do_sample=False,
+            )  # fmt: skip
+        if self.cfg.prompt and out.shape[1] > inputs.get("input_ids", out).shape[1] and (
+            self.cfg.backend == "blip"):  # fmt: skip
+            out = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+    def process_batch(self, clips: list[Clip], ctx: list[StageContext]) -> None:
+        per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
+        step = max(1, self.cfg.batch_size // per_clip)
+        chunks = [clips[i : i + step] for i in range(0, len(clips), step)]
+        texts: dict[int, list[str]] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="caption-prep") as pool:
+            futures = [pool.submit(self._prepare, ch) for ch in chunks[: self.cfg.prefetch]]
+            for i in range(len(chunks)):
+                owners, inputs, failed = futures[i].result()
+                if i + self.cfg.prefetch < len(chunks):  # keep the CPU one batch ahead
+                    futures.append(pool.submit(self._prepare, chunks[i + self.cfg.prefetch]))
+                for c, err in failed:
+                    c.fail("decode_error", f"frames: {err}")
+                if inputs is None:
+                    continue
+                for c, t in zip(owners, self._generate(inputs), strict=True):
+                    texts.setdefault(id(c), []).append(t)
+        for c in clips:
+            if id(c) in texts:
+                c.caption = consensus(texts[id(c)])
+                c.caption_model = self.label
