@@ -112,8 +112,9 @@ class FrameReader:
         timeout_s: float,
         stall_s: float,
         threads: int = 1,
+        fast: bool = True,
     ):
-        self.path, self.width, self.height = path, width, height
+        self.path, self.width, self.height, self.fast = path, width, height, fast
         self.timeout_s, self.stall_s, self.threads = timeout_s, stall_s, threads
         self.info = DecodedFrames()
         self._stderr_tail: list[str] = []
@@ -130,10 +131,14 @@ class FrameReader:
                 self._stderr_tail = (self._stderr_tail + [line.strip()])[-5:]
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        # Detection looks at 256-px thumbnails: the in-loop deblocking filter changes nothing
+        # it can see, and skipping it (plus the decoder's non-spec-compliant speedups) cuts
+        # H.264 decode time by about a third. Timestamps and keyframe flags are unaffected.
+        fast = ["-skip_loop_filter", "all", "-flags2", "+fast"] if self.fast else []
         vf = f"showinfo=checksum=0,scale={self.width}:{self.height}:flags=fast_bilinear"
         cmd = [
             ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "info",
-            "-threads", str(self.threads), "-i", self.path,
+            "-threads", str(self.threads), *fast, "-i", self.path,
             "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-fps_mode", "passthrough",
             "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1",
         ]  # fmt: skip

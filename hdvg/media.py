@@ -85,7 +85,9 @@ def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), *, timeout_s: fl
         args += ["-force_key_frames", times]
     if spec.container == "mp4":
         args += ["-movflags", "+faststart"]
-    ffmpeg.run([*args, str(path)], timeout_s, what="make_video")
+    tmp = path.with_name(path.name + ".part" + path.suffix)  # never leave a half file
+    ffmpeg.run([*args, str(tmp)], timeout_s, what="make_video")
+    tmp.replace(path)
     return path
 
 

@@ -74,7 +74,8 @@ def detect_scenes(
 
     w, h = frame_size(probe, cfg.frame_width)
     reader = FrameReader(
-        path, w, h, timeout_s=cfg.timeout_s, stall_s=cfg.stall_s, threads=cfg.decode_threads
+        path, w, h, timeout_s=cfg.timeout_s, stall_s=cfg.stall_s, threads=cfg.decode_threads,
+        fast=cfg.fast_decode,
     )
     detector = make_detector(cfg) if cfg.detector != "none" and not given else None
     fps = probe.fps or 25.0
