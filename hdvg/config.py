@@ -79,6 +79,7 @@ class ScenesConfig:
     timeout_s: float = 3600.0
     stall_s: float = 60.0
     decode_threads: int = 1
+    fast_decode: bool = True  # skip H.264 deblocking for the detection pass (thumbnails only)
 
     def validate(self) -> None:
         if self.detector not in ("adaptive", "content", "histogram", "none"):
