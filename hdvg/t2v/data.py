@@ -283,9 +283,13 @@ class StreamState:
         }
 
 
-def make_loader(dataset: ShardClips, cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: ShardClips, cfg: DataConfig, pin_memory: bool = False, seed: int = 0
+) -> DataLoader:
+    # its own generator: starting workers must not draw from the global RNG (resume exactness)
     return DataLoader(
         dataset,
+        generator=torch.Generator().manual_seed(seed),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=pin_memory,

@@ -134,7 +134,8 @@ class HFCLIPText(nn.Module):
         if self.layer == "last":
             return self.model(tokens).last_hidden_state  # (B, L, D)
         out = self.model(tokens, output_hidden_states=True)
-        return self.model.text_model.final_layer_norm(out.hidden_states[-2])
+        inner = getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
+        return inner.final_layer_norm(out.hidden_states[-2])
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

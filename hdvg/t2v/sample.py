@@ -1,0 +1,127 @@
+"""``hdvg sample --ckpt CKPT --prompt TEXT --out FILE.mp4 [--frames N --steps K --guidance G --seed S]``.
+
+DDIM (diffusers' ``DDIMScheduler``, the training schedule's betas) with classifier-free
+guidance: ``eps = eps(x, "") + g * (eps(x, prompt) - eps(x, ""))`` (Ho & Salimans 2022, eq. 6),
+then the VAE decodes the latents frame by frame and PyAV writes an H.264 mp4.
+The initial noise comes from a CPU generator, so a seed gives the same video on any device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdvg.t2v.config import T2VConfig
+from hdvg.t2v.text import build_text_encoder, encode_prompts
+from hdvg.t2v.train import autocast, load_checkpoint, noise_scheduler, resolved_config
+from hdvg.t2v.unet import SwapUNet
+from hdvg.t2v.vae import VideoVAE
+
+
+def load_for_sampling(ckpt_path: str | Path, device: torch.device, use_ema: bool = True):
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = resolved_config(ckpt)
+    unet = SwapUNet(cfg.model.unet_config())
+    unet.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    text_encoder = build_text_encoder(cfg.text_encoder)
+    vae = VideoVAE(cfg.vae)
+    frozen = ckpt.get("frozen", {})
+    if "text_encoder" in frozen:
+        text_encoder.load_state_dict(frozen["text_encoder"])
+    if "vae" in frozen:
+        vae.load_state_dict(frozen["vae"])
+    return cfg, unet.to(device).eval(), text_encoder.to(device), vae.to(device)
+
+
+@torch.no_grad()
+def generate(
+    cfg: T2VConfig,
+    unet: SwapUNet,
+    text_encoder,
+    vae: VideoVAE,
+    prompt: str,
+    frames: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: torch.device,
+    negative_prompt: str = "",
+) -> np.ndarray:
+    """Returns uint8 frames ``(F, H, W, 3)``."""
+    height, width = cfg.data.size
+    s = vae.downsample
+    if height % s or width % s:
+        raise ValueError(f"size {height}x{width} must divide by the VAE factor {s}")
+    scheduler = noise_scheduler(cfg, "ddim")
+    scheduler.set_timesteps(steps, device=device)
+    text = encode_prompts(text_encoder, [negative_prompt, prompt], device).float()  # (2, L, D)
+    shape = (1, vae.latent_channels, frames, height // s, width // s)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device) * scheduler.init_noise_sigma  # (1,c,F,h,w)
+    for t in scheduler.timesteps:
+        with autocast(device, cfg.train.precision):
+            pred = unet(torch.cat([x, x]), t, text).float()  # (2, c, F, h, w)
+        uncond, cond = pred.chunk(2)
+        guided = uncond + guidance * (cond - uncond)
+        x = scheduler.step(guided, t, x).prev_sample  # DDIM eq. 12, eta = 0
+    video = vae.decode(x)  # (1, 3, F, H, W) in [-1, 1]
+    video = ((video[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
+    """H.264 yuv420p (odd sizes padded by one pixel), single-threaded for byte-stable output."""
+    from fractions import Fraction
+
+    import av
+
+    f, h, w, _ = frames.shape
+    ph, pw = h + h % 2, w + w % 2
+    if (ph, pw) != (h, w):
+        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.options = {"crf": "17", "preset": "medium", "threads": "1"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+
+
+def main(
+    ckpt: str,
+    prompt: str,
+    out: str,
+    frames: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    negative_prompt: str | None = None,
+) -> int:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, unet, text_encoder, vae = load_for_sampling(ckpt, dev)
+    sc = cfg.sample
+    video = generate(
+        cfg,
+        unet,
+        text_encoder,
+        vae,
+        prompt,
+        frames=frames or sc.frames or cfg.data.frames,
+        steps=steps or sc.steps,
+        guidance=sc.guidance if guidance is None else guidance,
+        seed=seed,
+        device=dev,
+        negative_prompt=sc.negative_prompt if negative_prompt is None else negative_prompt,
+    )
+    write_mp4(video, out, sc.fps or cfg.data.fps or 8.0)
+    return 0

@@ -1,0 +1,378 @@
+"""``hdvg train CONFIG --shards SPEC --output RUN_DIR [--steps N] [--resume]``.
+
+Reads top to bottom: set up (distributed, seeds), build the frozen text encoder and VAE and
+the trainable U-Net, the optimizer, LR warm-up, EMA and the noise schedule, resume if asked,
+then loop: clips -> VAE latents -> noise at a random timestep -> U-Net -> MSE on epsilon (or
+v) -> AdamW step -> EMA; log every step, checkpoint every ``ckpt_every`` steps.
+
+Distributed: launch with ``torchrun --nproc-per-node N -m hdvg.t2v.cli train ...`` (DDP; the
+stream splits shards across ranks and workers), or on a Ray cluster via ``hdvg.t2v.ray_train``.
+
+Run dir::
+
+    RUN_DIR/config.yaml            the resolved config
+    RUN_DIR/metrics.jsonl          one JSON object per step (loss, lr, it/s, samples/s, memory)
+    RUN_DIR/tb/                    TensorBoard events
+    RUN_DIR/checkpoints/step-NNNNNNNN.ckpt
+    RUN_DIR/last.ckpt              symlink to the newest checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from hdvg.t2v.config import ConfigError, T2VConfig, UNetConfig, from_dict
+from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
+from hdvg.t2v.text import build_text_encoder, encode_prompts
+from hdvg.t2v.unet import SwapUNet
+from hdvg.t2v.vae import VideoVAE
+from hdvg.t2v.weights import load_pretrained_unet
+
+log = logging.getLogger("hdvg.t2v.train")
+
+
+# --- helpers (importable: the sampler and the benchmark use them too) -------------------------
+
+
+def build_unet(cfg: T2VConfig) -> tuple[SwapUNet, UNetConfig]:
+    base = cfg.model.unet_config()
+    if cfg.model.pretrained:
+        return load_pretrained_unet(cfg.model.pretrained, base)
+    return SwapUNet(base), base
+
+
+def noise_scheduler(cfg: T2VConfig, kind: str = "ddpm"):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    t = cfg.train
+    common = {
+        "num_train_timesteps": t.num_train_timesteps,
+        "beta_schedule": t.beta_schedule,
+        "beta_start": t.beta_start,
+        "beta_end": t.beta_end,
+        "prediction_type": t.prediction_type,
+        "clip_sample": False,
+    }
+    if kind == "ddim":  # SD's inference settings
+        return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1)
+    return DDPMScheduler(**common)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def frozen_state(cfg: T2VConfig, text_encoder, vae) -> dict[str, Any]:
+    """Randomly initialized frozen parts have no weights on disk: keep them in the checkpoint."""
+    out = {}
+    if cfg.text_encoder.random_init is not None:
+        out["text_encoder"] = text_encoder.state_dict()
+    if cfg.vae.random_init is not None:
+        out["vae"] = vae.state_dict()
+    return out
+
+
+def resolved_config(ckpt: dict[str, Any]) -> T2VConfig:
+    return from_dict(T2VConfig, ckpt["config"])
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept in fp32."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages are not stale
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{step:08d}.ckpt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a checkpoint is complete or absent
+    link = run_dir / "last.ckpt"
+    tmp_link = run_dir / ".last.ckpt.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(path.relative_to(run_dir))
+    os.replace(tmp_link, link)
+    for old in sorted(ckpt_dir.glob("step-*.ckpt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    # our own files: they hold numpy RNG state and plain Python objects, so not weights_only
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                log.warning("tensorboard not installed: metrics go to metrics.jsonl only")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+
+def main(
+    cfg: T2VConfig,
+    shards: str | list[str],
+    output: str | Path,
+    steps: int | None = None,
+    resume: bool = False,
+) -> int:
+    tc = cfg.train
+    total_steps = steps if steps is not None else tc.steps
+    run_dir = Path(output)
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # seeds: everything stochastic in the loop draws from `gen` or the (saved) global RNGs
+    random.seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    torch.manual_seed(tc.seed + rank)
+    gen = torch.Generator(device).manual_seed(tc.seed * 1000 + rank)
+
+    # frozen parts
+    text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+    vae = VideoVAE(cfg.vae).to(device)
+
+    # the U-Net; record the resolved layout (a pretrained checkpoint decides it)
+    unet, unet_cfg = build_unet(cfg)
+    cfg.model.preset, cfg.model.unet = (
+        "base",
+        {k: v for k, v in unet_cfg.__dict__.items() if k != "gradient_checkpointing"},
+    )
+    if unet_cfg.cross_attention_dim != text_encoder.dim:
+        raise ConfigError(
+            f"U-Net cross_attention_dim {unet_cfg.cross_attention_dim} != text width {text_encoder.dim}"
+        )
+    if unet_cfg.in_channels != vae.latent_channels:
+        raise ConfigError(
+            f"U-Net in_channels {unet_cfg.in_channels} != VAE latents {vae.latent_channels}"
+        )
+    unet.set_gradient_checkpointing(unet_cfg.gradient_checkpointing)
+    unet.to(device).train()
+    if tc.train_only_new:
+        unet.requires_grad_(False)
+        for m in unet.swap_modules():
+            m.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
+    )
+    ema = EMA(unet, tc.ema_decay)
+    scheduler = noise_scheduler(cfg)
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    dataset = ShardClips(shards, cfg.data, seed=tc.seed)
+    stream = StreamState(cfg.data)
+    step = 0
+    last = run_dir / "last.ckpt"
+    if resume and last.exists():
+        ckpt = load_checkpoint(last)
+        unet.load_state_dict(ckpt["model"])
+        ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        step = ckpt["step"]
+        data_state = ckpt["data"][rank] if rank < len(ckpt["data"]) else {}
+        stream = StreamState(cfg.data, data_state)
+        dataset.load_state(stream.state_dict())
+        set_rng_state(ckpt["rng"][rank], gen)
+        log.info("resumed from %s at step %d", last, step)
+    elif resume:
+        log.info("no %s yet: starting from scratch", last)
+    else:
+        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    model = unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        model = torch.compile(model)
+    loader = make_loader(dataset, cfg.data, pin_memory=device.type == "cuda", seed=tc.seed)
+    batches = iter(loader)
+    metrics = Metrics(run_dir, is_main)
+
+    def checkpoint_payload() -> dict[str, Any]:
+        data_states: list[Any] = [stream.state_dict()]
+        rngs: list[Any] = [rng_state(gen)]
+        if world > 1:
+            data_states, rngs = [None] * world, [None] * world
+            torch.distributed.all_gather_object(data_states, stream.state_dict())
+            torch.distributed.all_gather_object(rngs, rng_state(gen))
+        return {
+            "model": unet.state_dict(),
+            "ema": ema.shadow,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_sched.state_dict(),
+            "step": step,
+            "rng": rngs,
+            "data": data_states,
+            "config": cfg.to_dict(),
+            "frozen": frozen_state(cfg, text_encoder, vae),
+            "versions": {"torch": torch.__version__},
+        }
+
+    t_last = time.perf_counter()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait = time.perf_counter() - t0
+        stream.update(batch)
+        b = len(batch["caption"])
+
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(device).float()  # (B, c, F, h, w)
+            else:
+                video = to_model_range(batch["video"].to(device, non_blocking=True))  # (B,3,F,H,W)
+                with autocast(device, tc.precision):
+                    latents = vae.encode(video, generator=gen)  # (B, c, F, h, w)
+            drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout
+            captions = [
+                "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)
+            ]
+            with autocast(device, tc.precision):
+                text = encode_prompts(text_encoder, captions, device).float()  # (B, L, D)
+            noise = torch.randn(latents.shape, generator=gen, device=device)
+            t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
+            a = alphas[t].view(b, 1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
+            target = (
+                noise
+                if tc.prediction_type == "epsilon"
+                else a.sqrt() * noise - (1 - a).sqrt() * latents
+            )
+
+        with autocast(device, tc.precision):
+            pred = model(noisy, t, text)  # (B, c, F, h, w)
+        loss = F.mse_loss(pred.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        ema.update(unet, step)
+        step += 1
+
+        if step % tc.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
+            t_last = now
+            loss_val = loss.detach()
+            if world > 1:
+                torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
+            row = {
+                "step": step,
+                "loss": float(loss_val),
+                "lr": lr_sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "it_s": 1.0 / dt,
+                "samples_s": b * world / dt,
+                "data_wait_s": data_wait,
+                "skipped_too_short": int(batch["skipped_too_short"].max()),
+                "skipped_decode_error": int(batch["skipped_decode_error"].max()),
+            }
+            if device.type == "cuda":
+                row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics.write(row)
+        if step % tc.ckpt_every == 0 or step == total_steps:
+            payload = checkpoint_payload()
+            if is_main:
+                save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
+
+    metrics.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return 0
