@@ -178,3 +178,16 @@ def test_takedown_unknown_changes_nothing(out, capsys):
     assert shard.read_bytes() == before
     with pytest.raises(SystemExit):
         main(["manifest", "takedown", str(out)])
+
+
+def test_verify_over_fsspec_url(curated):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in curated.rglob("*"):
+        if p.is_file():
+            fs.pipe(f"/hdvg-verify/out/{p.relative_to(curated).as_posix()}", p.read_bytes())
+    rep = verify("memory://hdvg-verify/out")
+    assert rep.ok and rep.rows_checked == len(_accepted(curated))
+    with pytest.raises(TakedownError, match="local OUT"):
+        takedown("memory://hdvg-verify/out", clips=[_accepted(curated)[0]["clip_id"]])
