@@ -45,6 +45,7 @@ class CaptionConfig:
     prompt: str | None = None  # BLIP-2: e.g. "a video of"; None: unconditional
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     prefetch: int = 2  # batches prepared ahead on a CPU thread
+    decode_threads: int = 4  # clips decoded in parallel ahead of generation (PyAV frees the GIL)
 
     def validate(self) -> None:
         from ...config import ConfigError
@@ -120,11 +121,12 @@ class CaptionStage(ModelMixin, Stage):
         k = min(self.cfg.n_frames, len(fr.images))
         return [fr.images[int(i)] for i in np.linspace(0, len(fr.images) - 1, k)]
 
-    def _prepare(self, clips: list[Clip]):
-        """CPU side of one batch: decode frames, run the processor (a worker thread)."""
+    def _prepare(self, clips: list[Clip], decoded: dict[int, Any]):
+        """CPU side of one batch: wait for its clips' frames, run the processor."""
         owners, images, failed = [], [], []
         for c in clips:
             try:
+                decoded[id(c)].result()
                 imgs = self._images(c)
             except Exception as e:  # noqa: BLE001 - this clip's failure, not the batch's
                 failed.append((c, str(e)))
@@ -162,12 +164,17 @@ class CaptionStage(ModelMixin, Stage):
         step = max(1, self.cfg.batch_size // per_clip)
         chunks = [clips[i : i + step] for i in range(0, len(clips), step)]
         texts: dict[int, list[str]] = {}
-        with ThreadPoolExecutor(1, thread_name_prefix="caption-prep") as pool:
-            futures = [pool.submit(self._prepare, ch) for ch in chunks[: self.cfg.prefetch]]
+        with (ThreadPoolExecutor(self.cfg.decode_threads, "caption-decode") as dec,
+              ThreadPoolExecutor(1, thread_name_prefix="caption-prep") as pool):  # fmt: skip
+            decoded = {id(c): dec.submit(get_frames, c) for c in clips}  # in order, ahead
+            futures = [
+                pool.submit(self._prepare, ch, decoded) for ch in chunks[: self.cfg.prefetch]
+            ]
             for i in range(len(chunks)):
                 owners, inputs, failed = futures[i].result()
-                if i + self.cfg.prefetch < len(chunks):  # keep the CPU one batch ahead
-                    futures.append(pool.submit(self._prepare, chunks[i + self.cfg.prefetch]))
+                if i + self.cfg.prefetch < len(chunks):  # keep the CPU batches ahead
+                    nxt = chunks[i + self.cfg.prefetch]
+                    futures.append(pool.submit(self._prepare, nxt, decoded))
                 for c, err in failed:
                     c.fail("decode_error", f"frames: {err}")
                 if inputs is None:

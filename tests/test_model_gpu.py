@@ -1,0 +1,45 @@
+"""Model stages on a CUDA GPU (skipped without one): bf16 batched captions and fp16 CLIP."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdvg import media
+from hdvg.config import ModelsConfig
+from hdvg.media import VideoSpec
+from hdvg.records import Clip
+from hdvg.stages import build_stage
+from hdvg.stages.models import testing as T
+
+pytestmark = pytest.mark.gpu
+
+
+def _clips(tmp_path, n):
+    data = media.make_video(tmp_path / "c.mp4", VideoSpec(640, 360, 25, (2.0,))).read_bytes()
+    return [Clip(f"s{i}_0000", f"s{i}", "u", 0, 0, 2, 0, 50, 2, 640, 360, 25.0, data=data)
+            for i in range(n)]  # fmt: skip
+
+
+def test_caption_bf16_on_gpu(tmp_path):
+    import torch
+
+    st = build_stage("caption", {"path": str(T.save_tiny_blip2(tmp_path / "b2")),
+                                 "batch_size": 4, "min_new_tokens": 3})  # fmt: skip
+    st.bind(ModelsConfig(device="cuda"))
+    st.setup()
+    assert st.device.type == "cuda" and st.dtype == torch.bfloat16
+    clips = _clips(tmp_path, 6)
+    st.process_batch(clips, [None] * 6)
+    assert all(c.caption for c in clips)
+
+
+def test_clip_score_on_gpu(tmp_path):
+    st = build_stage("clip_score", {"path": str(T.save_tiny_open_clip(tmp_path / "oc")),
+                                    "min_score": None})  # fmt: skip
+    st.bind(ModelsConfig(device="cuda"))
+    st.setup()
+    clips = _clips(tmp_path, 3)
+    for c in clips:
+        c.caption = "a dog"
+    st.process_batch(clips, [None] * 3)
+    assert all(isinstance(c.scores["clip_score"], float) for c in clips)
