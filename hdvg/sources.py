@@ -30,14 +30,19 @@ def _task(order: int, row: dict[str, Any]) -> SourceTask:
         except (TypeError, ValueError):
             raise SourceListError(f"entry {order}: {key}={v!r} is not a number") from None
 
-    ident = row.get("id")
-    caption = row.get("caption")
+    def text(key: str) -> str | None:
+        v = row.get(key)
+        if v is None or v != v or (isinstance(v, str) and not v.strip()):  # None, NaN, ""
+            return None
+        return str(v)
+
+    ident, caption = text("id"), text("caption")
     return SourceTask(
         order=order,
         url=url,
         source_id=source_id_for(url),
-        input_id=None if ident is None or ident != ident else str(ident),
-        input_caption=None if caption is None or caption != caption else str(caption),
+        input_id=ident,
+        input_caption=caption,
         start_s=num("start"),
         end_s=num("end"),
     )

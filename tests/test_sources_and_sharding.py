@@ -1,0 +1,101 @@
+"""Input list formats, fsspec sources, and shard size targets."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from hdvg.config import load_pipeline
+from hdvg.records import source_id_for
+from hdvg.runner import curate
+from hdvg.sources import SourceListError, read_sources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "parquet"])
+def test_list_formats(tmp_path, fmt):
+    rows = [
+        {"url": "/data/a.mp4", "caption": "a cat", "id": "A", "start": "1.5", "end": "9"},
+        {"url": "https://example.com/b.mp4", "caption": None, "id": None, "start": None,
+         "end": None},
+    ]  # fmt: skip
+    p = tmp_path / f"list.{fmt}"
+    if fmt == "txt":
+        p.write_text("# comment\n/data/a.mp4\n\nhttps://example.com/b.mp4\n/data/a.mp4\n")
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(p, index=False)
+    elif fmt == "jsonl":
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pd.DataFrame(rows).to_parquet(p)
+    tasks = read_sources(p)
+    assert [t.url for t in tasks] == ["/data/a.mp4", "https://example.com/b.mp4"]
+    assert [t.order for t in tasks] == [0, 1]
+    assert tasks[0].source_id == source_id_for("/data/a.mp4")
+    if fmt != "txt":
+        assert tasks[0].input_caption == "a cat" and tasks[0].input_id == "A"
+        assert (tasks[0].start_s, tasks[0].end_s) == (1.5, 9.0)
+        assert tasks[1].input_caption is None and tasks[1].start_s is None
+
+
+def test_unreadable_lists_are_clear_errors(tmp_path):
+    with pytest.raises(SourceListError, match="not found"):
+        read_sources(tmp_path / "nope.txt")
+    bad = tmp_path / "x.csv"
+    bad.write_text("path\n/a.mp4\n")
+    with pytest.raises(SourceListError, match="url"):
+        read_sources(bad)
+    odd = tmp_path / "x.xml"
+    odd.write_text("<a/>")
+    with pytest.raises(SourceListError, match="unsupported"):
+        read_sources(odd)
+
+
+def test_fsspec_source_and_shard_targets(tmp_path, media_dir, ray_local):
+    """A `memory://` source (any fsspec URL) and small shard targets, on the local Ray."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    # the memory filesystem lives in this process: use the serial executor for it
+    fs.pipe("/bucket/hd720.mp4", media_dir["hd720.mp4"].path.read_bytes())
+    listing = tmp_path / "list.txt"
+    listing.write_text("memory://bucket/hd720.mp4\n")
+    cfg = load_pipeline(ROOT / "pipelines" / "smoke.yaml")
+    cfg.ray.executor = "serial"
+    cfg.download.allowed_schemes.append("memory")
+    out = tmp_path / "mem"
+    curate(cfg, str(listing), out, quiet=True)
+    clips = pq.read_table(out / "manifest" / "clips").to_pylist()
+    assert [c["status"] for c in clips] == ["accepted", "accepted"]
+    src = pq.read_table(out / "manifest" / "sources").to_pylist()[0]
+    assert src["sha256"] and src["size_bytes"] == media_dir["hd720.mp4"].path.stat().st_size
+    assert not list((out / ".work" / "downloads").glob("*"))  # temporary download removed
+
+    # shard targets: at most 2 samples per shard unless one source alone has more
+    names = ["hd1080.mp4", "hd720.mp4", "nokey720.mp4", "late.ts"]
+    listing.write_text("".join(f"{media_dir[n].path}\n" for n in names))
+    cfg = load_pipeline(ROOT / "pipelines" / "smoke.yaml")
+    cfg.shards.max_samples = 2
+    out = tmp_path / "small"
+    curate(cfg, str(listing), out, quiet=True)
+    shards = sorted((out / "shards").glob("shard-*.tar"))
+    per_source = {}
+    for c in pq.read_table(out / "manifest" / "clips").to_pylist():
+        per_source.setdefault(c["source_id"], set()).add(c["shard"])
+    assert all(len(s) == 1 for s in per_source.values())  # a source never spans shards
+    assert len(shards) == 4
+    for sh in shards:
+        with tarfile.open(sh) as t:
+            n = len(t.getnames()) // 3
+        assert n <= 3  # hd1080 alone has 3 clips
+    cfg.shards.max_samples = 1000
+    cfg.shards.max_bytes = 1
+    out = tmp_path / "bytes"
+    curate(cfg, str(listing), out, quiet=True)
+    assert len(list((out / "shards").glob("shard-*.tar"))) == 4
