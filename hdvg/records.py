@@ -47,6 +47,13 @@ REASONS = {
     "aspect": "display aspect outside filters.aspect target ± tolerance",
     "letterbox": "black bars: content is not widescreen",
     "cut_error": "ffmpeg failed to cut the clip",
+    # model stages (hdvg/stages/models)
+    "watermark": "static overlay (logo, channel mark, burned-in text) or learned watermark head",
+    "low_motion": "optical flow below clip_stages.motion.min_motion (a static clip)",
+    "high_motion": "optical flow above clip_stages.motion.max_motion (shake, flashes)",
+    "text": "on-screen text covers more than clip_stages.text_area.max_text_area",
+    "low_aesthetic": "aesthetic score below clip_stages.aesthetic.min_score",
+    "low_clip_score": "text-clip similarity below clip_stages.clip_score.min_score",
 }
 
 
