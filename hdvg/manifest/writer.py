@@ -95,6 +95,9 @@ class Ledger:
             t = pq.read_table(p, columns=["source_id", "status"])
             for sid, st in zip(t.column("source_id").to_pylist(), t.column("status").to_pylist()):
                 self.done_sources[sid] = st
+        # clips spooled for a shard that never committed: their sources are redone
+        for p in sorted((out / ".work" / "spool").glob("*.mp4")):
+            p.unlink()
         shard_dir = out / "shards"
         for p in sorted(shard_dir.glob("*.tmp")):
             p.unlink()
