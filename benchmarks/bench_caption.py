@@ -63,10 +63,14 @@ def main() -> int:
     ap.add_argument("--size", default="1280x720", help="clip size (the HD-VG minimum is 720p)")
     ap.add_argument("--decode-threads", type=int, default=4)
     ap.add_argument("--out", default=None, help="write the JSON result here too")
+    ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
     w, h = (int(v) for v in a.size.split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="hdvg-bench-"))
-    data = media.make_video(tmp / "clip.mp4", VideoSpec(w, h, 25, (2.0,))).read_bytes()
+    if a.clip:
+        data = Path(a.clip).read_bytes()
+    else:
+        data = media.make_video(tmp / "clip.mp4", VideoSpec(w, h, 25, (2.0,))).read_bytes()
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     params = {"min_new_tokens": a.tokens, "max_new_tokens": a.tokens,
               "decode_threads": a.decode_threads}  # fmt: skip

@@ -1,0 +1,115 @@
+"""Wall time of `hdvg curate pipelines/smoke.yaml` against a plain ffmpeg decode floor.
+
+    python benchmarks/bench_curate.py --minutes 10 --files 6 --workdir bench_out/curate
+
+Makes `--files` 720p H.264 sources (shots of 3-9 s from moving lavfi sources, keyframes
+at cuts as scene-aware encoders place them; cached in --workdir), then, in the same run:
+
+  floor:  `ffmpeg -i X -f null -` over all files, two processes at a time (both cores)
+  hdvg:   the whole `hdvg curate` command (Ray start-up included), fresh OUT each time
+
+and prints the ratio hdvg / floor as JSON (also written to --workdir/result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hdvg import media  # noqa: E402
+from hdvg.ffmpeg import ffmpeg_exe  # noqa: E402
+
+
+def make_sources(d: Path, minutes: float, files: int, seed: int = 0) -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    per_file = minutes * 60 / files
+    paths = []
+    jobs = []
+    for i in range(files):
+        segs, total = [], 0.0
+        while total < per_file:
+            s = round(rng.uniform(3, 9), 2)
+            segs.append(s)
+            total += s
+        spec = media.VideoSpec(1280, 720, 25, tuple(segs), crf=23, preset="veryfast", gop=250)
+        p = d / f"src{i:02d}_{int(total)}s.mp4"
+        paths.append(p)
+        if not p.exists():
+            jobs.append((p, spec))
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda a: media.make_video(a[0], a[1], timeout_s=3600), jobs))
+    return paths
+
+
+def floor_decode(paths: list[Path]) -> float:
+    t0 = time.perf_counter()
+
+    def dec(p: Path) -> None:
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-threads", "1", "-i", str(p),
+                        "-f", "null", "-"], check=True)  # fmt: skip
+
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(dec, paths))
+    return time.perf_counter() - t0
+
+
+def run_hdvg(src: Path, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "hdvg", "curate", str(ROOT / "pipelines" / "smoke.yaml"),
+                    "--input", str(src), "--output", str(out), "--quiet"], check=True)  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--files", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workdir", default="bench_out/curate")
+    a = ap.parse_args()
+    wd = Path(a.workdir)
+    src = wd / "sources"
+    paths = make_sources(src, a.minutes, a.files)
+    floors, hdvgs = [], []
+    for _ in range(a.repeats):  # interleaved, so drift on a shared machine hits both
+        floors.append(floor_decode(paths))
+        hdvgs.append(run_hdvg(src, wd / "out"))
+    run = json.loads((wd / "out" / "run.json").read_text())
+    res = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "source_minutes": round(sum(media_duration(p) for p in paths) / 60, 2),
+        "files": len(paths),
+        "floor_s": [round(x, 2) for x in floors],
+        "hdvg_s": [round(x, 2) for x in hdvgs],
+        "ratio_best": round(min(hdvgs) / min(floors), 3),
+        "ratio_median": round(sorted(hdvgs)[len(hdvgs) // 2] / sorted(floors)[len(floors) // 2], 3),
+        "clips": run["counts"]["clips_by_status"],
+        "stage_seconds": run["stage_seconds"],
+    }
+    (wd / "result.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+def media_duration(p: Path) -> float:
+    from hdvg.probe import probe
+
+    return probe(p).duration_s
+
+
+if __name__ == "__main__":
+    main()
