@@ -98,8 +98,8 @@ def make_vfr_video(path: str | Path, *, width: int = 1280, height: int = 720) ->
     """
     path = Path(path)
     graph = (
-        f"[0:v]trim=end_frame=90,setpts=N/30/TB,format=yuv420p[a];"
-        f"[1:v]trim=end_frame=30,setpts=N/10/TB,format=yuv420p[b];[a][b]concat=n=2:v=1:a=0[v]"
+        "[0:v]trim=end_frame=90,setpts=N/30/TB,format=yuv420p[a];"
+        "[1:v]trim=end_frame=30,setpts=N/10/TB,format=yuv420p[b];[a][b]concat=n=2:v=1:a=0[v]"
     )
     args = [
         "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=30",

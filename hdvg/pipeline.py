@@ -48,6 +48,7 @@ class SourceProcessor:
         self.work = Path(out_dir) / ".work"
         self.meta_stages = build_stages(cfg, "filters")
         self.clip_stages = [s for s in build_stages(cfg, "clip_stages") if not s.uses_model]
+        self.wants_gray = any(getattr(s, "wants_gray", False) for s in self.meta_stages)
         for s in self.meta_stages + self.clip_stages:
             s.setup()
 
@@ -71,7 +72,7 @@ class SourceProcessor:
             with timed(tm, "scenes"):
                 scenes = detect_scenes(
                     str(fetched.path), rec.probe, cfg.scenes, task.given_scenes,
-                    task.start_s, task.end_s,
+                    task.start_s, task.end_s, gray=self.wants_gray,
                 )  # fmt: skip
             rec.n_frames, rec.n_scenes = scenes.n_frames, len(scenes.spans)
             if scenes.n_frames < max(1, cfg.scenes.min_scene_frames):

@@ -119,7 +119,8 @@ class FrameSample:
 
     frame_index: int
     pts_s: float
-    image: Any  # (row profile, column profile): brightest value per row / column
+    image: Any  # (row profile, column profile): brightest value per row / column, or None
+    gray: Any = None  # (H, W) uint8 luma thumbnail, for pre-cut frame filters (static overlay)
 
 
 @dataclass

@@ -59,6 +59,49 @@ def make_detector(cfg: ScenesConfig):
     return cls(**kwargs)
 
 
+class GrayReservoir:
+    """Luma thumbnails for pre-cut frame filters, evenly spaced within each shot, bounded.
+
+    Frames are offered at a base stride (about 4 per second, so a 2 s shot still gets 8);
+    when a shot holds more than twice its budget (`per_minute` per started minute, at least
+    8) every other thumbnail is dropped and the stride doubles, leaving between one and two
+    budgets' worth. Memory stays at a
+    few dozen thumbnails per minute of footage whatever the source's length, and no second
+    decode of the clip is needed later (the static-overlay filter reads these).
+    """
+
+    def __init__(self, fps: float, per_minute: int):
+        self.base = max(1, round(fps / 4))
+        self.fps = fps or 25.0
+        self.per_minute = max(8, per_minute)
+        self.stride = self.base
+        self.start = 0  # first frame of the open shot
+        self.open: list[tuple[int, np.ndarray]] = []
+        self.closed: list[tuple[int, np.ndarray]] = []
+
+    def offer(self, i: int, frame: np.ndarray) -> None:
+        if (i - self.start) % self.stride:
+            return
+        import cv2
+
+        self.open.append((i, cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)))
+        minutes = math.ceil((i - self.start + 1) / (60 * self.fps))
+        if len(self.open) > 2 * self.per_minute * max(1, minutes):
+            self.open = self.open[::2]
+            self.stride *= 2
+
+    def cut(self, frame: int) -> None:
+        """A new shot starts at `frame` (cuts arrive a few frames late: move those over)."""
+        self.closed += [(i, g) for i, g in self.open if i < frame]
+        self.open = [(i, g) for i, g in self.open if i >= frame]
+        self.start, self.stride = frame, self.base
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        self.closed += self.open
+        self.open = []
+        return self.closed
+
+
 def frame_size(probe: Probe, width: int) -> tuple[int, int]:
     w = min(width, probe.width) // 2 * 2
     h = max(2, round(w * probe.height / probe.width / 2) * 2)
@@ -67,14 +110,20 @@ def frame_size(probe: Probe, width: int) -> tuple[int, int]:
 
 def detect_scenes(
     path: str, probe: Probe, cfg: ScenesConfig, given: list[GivenScene] | None = None,
-    start_s: float | None = None, end_s: float | None = None,
+    start_s: float | None = None, end_s: float | None = None, gray: bool = False,
 ) -> SceneResult:  # fmt: skip
     """Decode once; detect cuts (or use the given scenes); return spans ≤ max_clip_s."""
     from scenedetect.common import FrameTimecode
 
-    w, h = frame_size(probe, cfg.frame_width)
+    # with gray thumbnails wanted, decode at their width once and detect on the same frames
+    w, h = frame_size(probe, max(cfg.frame_width, cfg.gray_width) if gray else cfg.frame_width)
     reader = FrameReader(
-        path, w, h, timeout_s=cfg.timeout_s, stall_s=cfg.stall_s, threads=cfg.decode_threads,
+        path,
+        w,
+        h,
+        timeout_s=cfg.timeout_s,
+        stall_s=cfg.stall_s,
+        threads=cfg.decode_threads,
         fast=cfg.fast_decode,
     )
     detector = make_detector(cfg) if cfg.detector != "none" and not given else None
@@ -82,11 +131,16 @@ def detect_scenes(
     sample_every = max(1, round(fps / 2))  # ~2 samples per second for pre-cut filters
     cuts: list[int] = []
     samples: list[FrameSample] = []
+    thumbs = GrayReservoir(fps, cfg.gray_per_minute) if gray else None
     n = 0
     for i, frame in enumerate(reader):
         if detector is not None:
             for tc in detector.process_frame(FrameTimecode(i, fps), frame):
                 cuts.append(tc.frame_num)
+                if thumbs is not None:
+                    thumbs.cut(tc.frame_num)
+        if thumbs is not None:
+            thumbs.offer(i, frame)
         if i % sample_every == 0:
             # per-row / per-column brightest value: enough for bar detection, 1000× smaller
             m = frame.max(axis=2)
@@ -101,6 +155,9 @@ def detect_scenes(
         raw = raw + [raw[-1] + (k + 1) / fps if raw else k / fps for k in range(n - len(raw))]
     t0 = raw[0] if raw else 0.0
     pts = [t - t0 for t in raw]
+    if thumbs is not None:
+        samples += [FrameSample(i, 0.0, None, g) for i, g in thumbs.finish() if i < n]
+        samples.sort(key=lambda s: s.frame_index)
     for s in samples:
         s.pts_s = pts[s.frame_index]
     keyframes = [i for i, k in enumerate(info.is_key[:n]) if k]

@@ -101,9 +101,10 @@ class LetterboxFilter(Filter):
     score_columns = ("letterbox_fraction", "pillarbox_fraction", "content_aspect")
 
     def score(self, clip: Clip, ctx: StageContext) -> dict[str, float | None]:
-        if not clip.samples:
+        profiles = [s.image for s in clip.samples if s.image is not None]
+        if not profiles:
             return {"letterbox_fraction": None, "pillarbox_fraction": None, "content_aspect": None}
-        rows, cols = bar_fractions([s.image for s in clip.samples], self.cfg.black_level)
+        rows, cols = bar_fractions(profiles, self.cfg.black_level)
         content_h = clip.height * (1 - rows)
         content_w = clip.width * (1 - cols)
         aspect = content_w / content_h if content_h > 0 else None

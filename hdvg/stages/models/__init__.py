@@ -5,12 +5,12 @@ from .aesthetic import AestheticFilter
 from .caption import CaptionStage
 from .clip_score import ClipScoreFilter
 from .motion import MotionFilter
-from .overlay import StaticOverlayFilter
+from .overlay import ScanOverlayFilter, StaticOverlayFilter
 from .text_area import TextAreaFilter
 from .watermark import WatermarkFilter
 
-STAGES = (StaticOverlayFilter, MotionFilter, TextAreaFilter, WatermarkFilter, AestheticFilter,
+STAGES = (ScanOverlayFilter, StaticOverlayFilter, MotionFilter, TextAreaFilter, WatermarkFilter, AestheticFilter,
           CaptionStage, ClipScoreFilter)  # fmt: skip
 
 __all__ = ["STAGES", "AestheticFilter", "CaptionStage", "ClipScoreFilter", "MotionFilter",
-           "StaticOverlayFilter", "TextAreaFilter", "WatermarkFilter"]  # fmt: skip
+           "ScanOverlayFilter", "StaticOverlayFilter", "TextAreaFilter", "WatermarkFilter"]  # fmt: skip

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from ...frames import Frames
-from ..base import Check
+from ...records import Clip
+from ..base import Check, Filter, StageContext
 from .base import WeightFreeFrameFilter
 
 
@@ -148,6 +149,52 @@ class StaticOverlayFilter(WeightFreeFrameFilter):
         ov = detect_static_overlay(g, self.cfg)
         out: dict[str, float | None] = {"overlay_score": ov.score, "moving_fraction": ov.moving}
         scale = fr.width / g.shape[2]
+        box = [round(v * scale) for v in ov.box] if ov.box else [None] * 4
+        out.update(zip(("overlay_x", "overlay_y", "overlay_w", "overlay_h"), box, strict=True))
+        return out
+
+    def checks(self) -> list[Check]:
+        return [Check("overlay_score", "<=", self.cfg.max_score, "watermark")]
+
+
+@dataclass
+class ScanOverlayConfig(OverlayConfig):
+    max_frames: int = 8  # thumbnails the detector looks at: those nearest the centres of
+    # equal spans of the clip, as the post-cut detector samples (not the clip's first frame)
+
+
+class ScanOverlayFilter(Filter):
+    """The same static-overlay detector, before the cut, on the luma thumbnails kept by the
+    scene-detection decode (`scenes.gray_width` wide): no second decode of the clip, and a
+    watermarked clip is never cut. `static_overlay` (after the cut) reads the clip itself;
+    recipes use one or the other."""
+
+    name = "overlay"
+    Config = ScanOverlayConfig
+    needs = "meta"
+    wants_gray = True
+    score_columns = StaticOverlayFilter.score_columns
+
+    def score(self, clip: Clip, ctx: StageContext) -> dict[str, float | None]:
+        have = [s for s in clip.samples if s.gray is not None]
+        n = self.cfg.max_frames
+        if len(have) > n:
+            span = max(1, clip.end_frame - clip.start_frame)
+            idx = np.array([s.frame_index for s in have])
+            want = clip.start_frame + (np.arange(n) + 0.5) * span / n
+            pick = sorted({int(np.abs(idx - t).argmin()) for t in want})
+            have = [have[i] for i in pick]
+        thumbs = [s.gray for s in have]
+        if not thumbs:
+            return dict.fromkeys(self.score_columns)
+        g = np.stack(thumbs)  # (N, H, W)
+        s = self.cfg.width / g.shape[2]
+        if s < 1.0:
+            size = (self.cfg.width, max(2, round(g.shape[1] * s)))
+            g = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in g])
+        ov = detect_static_overlay(g, self.cfg)
+        out: dict[str, float | None] = {"overlay_score": ov.score, "moving_fraction": ov.moving}
+        scale = clip.width / g.shape[2]
         box = [round(v * scale) for v in ov.box] if ov.box else [None] * 4
         out.update(zip(("overlay_x", "overlay_y", "overlay_w", "overlay_h"), box, strict=True))
         return out
