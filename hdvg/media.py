@@ -62,7 +62,9 @@ def make_video(path: str | Path, spec: VideoSpec = VideoSpec(), *, timeout_s: fl
         src = SEGMENT_SOURCES[ORDER[i % len(ORDER)]].format(w=w, h=h, fps=spec.fps)
         nframes = round(dur * spec.fps)
         inputs += ["-f", "lavfi", "-i", src]
-        chains.append(f"[{i}:v]trim=end_frame={nframes},setpts=PTS-STARTPTS,format=yuv420p,setsar=1[s{i}]")
+        chains.append(
+            f"[{i}:v]trim=end_frame={nframes},setpts=PTS-STARTPTS,format=yuv420p,setsar=1[s{i}]"
+        )
     n = len(spec.segments)
     graph = ";".join(chains) + ";" + "".join(f"[s{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0"
     if spec.pad_to:
@@ -133,7 +135,9 @@ def make_demo_sources(directory: str | Path) -> list[Path]:
         "hd_720p.mp4": VideoSpec(1280, 720, 25, (4.0, 0.6, 3.5)),  # a 0.6 s shot: too_short
         "sd_480p.mp4": VideoSpec(854, 480, 25, (3.0, 3.0)),  # resolution
         "tv_4x3.mp4": VideoSpec(960, 720, 25, (3.0, 3.0)),  # aspect
-        "letterboxed.mp4": VideoSpec(1280, 536, 25, (3.0, 3.0), pad_to=(1280, 720)),  # 2.39:1 in 16:9
+        "letterboxed.mp4": VideoSpec(
+            1280, 536, 25, (3.0, 3.0), pad_to=(1280, 720)
+        ),  # 2.39:1 in 16:9
     }
     out = []
     for name, spec in specs.items():

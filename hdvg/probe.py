@@ -20,8 +20,10 @@ def _f(x) -> float:
     return float(x) if x is not None else 0.0
 
 
-def probe(path: str | Path, cfg: ProbeConfig = ProbeConfig(), vfr_packets: int = 240) -> Probe:
+def probe(path: str | Path, cfg: ProbeConfig | None = None, vfr_packets: int = 240) -> Probe:
     import av
+
+    cfg = cfg or ProbeConfig()
 
     path = str(path)
     try:
@@ -62,7 +64,7 @@ def probe(path: str | Path, cfg: ProbeConfig = ProbeConfig(), vfr_packets: int =
         except av.error.FFmpegError as e:
             raise ProbeError("decode_error", f"cannot decode: {e}") from None
         pts.sort()
-        deltas = [b - a for a, b in zip(pts, pts[1:]) if b > a]
+        deltas = [b - a for a, b in zip(pts, pts[1:], strict=False) if b > a]
         vfr = bool(deltas) and (max(deltas) - min(deltas)) > 0.02 * (sum(deltas) / len(deltas))
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else 0.0

@@ -53,7 +53,9 @@ def _source_fn(row: dict[str, Any], cfg: PipelineConfig, out: str) -> dict[str, 
     if attempts > cfg.ray.max_task_retries + 1:
         rec = SourceRecord(task.source_id, task.url, task.order, input_id=task.input_id,
                            input_caption=task.input_caption)  # fmt: skip
-        rec.fail("worker_lost", f"its worker died on {attempts - 1} attempts (ray.max_task_retries)")
+        rec.fail(
+            "worker_lost", f"its worker died on {attempts - 1} attempts (ray.max_task_retries)"
+        )
         result = SourceResult(rec)
     else:
         key = cfg.hash() + out
@@ -105,9 +107,9 @@ def process_model_stages(stages: list, results: list[SourceResult]) -> None:
         counts = Counter(id(r) for r, _ in live)
         for r in results:
             if id(r) in counts:
-                r.source.timings[stage.name] = (
-                    r.source.timings.get(stage.name, 0.0) + dt * counts[id(r)] / len(live)
-                )
+                r.source.timings[stage.name] = r.source.timings.get(stage.name, 0.0) + dt * counts[
+                    id(r)
+                ] / len(live)
 
 
 # --- driver ---------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def detect_scenes(
         spans = _given_spans(pts, given, lo, hi)
     else:
         bounds = [lo] + [c for c in cuts if lo < c < hi] + [hi]
-        spans = [_span(pts, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        spans = [_span(pts, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
     out: list[Span] = []
     for sp in spans:
         out.extend(split_long(pts, sp, cfg.max_clip_s))
@@ -215,4 +215,4 @@ def split_long(pts: list[float], sp: Span, max_s: float) -> list[Span]:
     for k in range(1, pieces):
         bounds.append(max(bounds[-1] + 1, _frame_at(pts, sp.start_s + dur * k / pieces)))
     bounds.append(sp.end_frame)
-    return [_span(pts, a, b, sp.given) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [_span(pts, a, b, sp.given) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]

@@ -24,7 +24,10 @@ def test_shipped_recipes_load(name):
         ({"scenes": {"detector": "magic"}}, "scenes.detector"),
         ({"scenes": {"max_clip_s": "long"}}, "scenes.max_clip_s"),
         ({"filters": {"resolutoin": {}}}, "resolutoin"),
-        ({"filters": {"resolution": {"min_short_side": "hd"}}}, "filters.resolution.min_short_side"),
+        (
+            {"filters": {"resolution": {"min_short_side": "hd"}}},
+            "filters.resolution.min_short_side",
+        ),
         ({"filters": {"duration": {"minimum": 2}}}, "minimum"),
         ({"shards": {"max_samples": True}}, "shards.max_samples"),
         ({"cut": {"mode": "copy-ish"}}, "cut.mode"),

@@ -93,7 +93,9 @@ class Ledger:
             m = PART_RE.search(p.name)
             self.next_part = max(self.next_part, int(m.group(1)) + 1)
             t = pq.read_table(p, columns=["source_id", "status"])
-            for sid, st in zip(t.column("source_id").to_pylist(), t.column("status").to_pylist()):
+            for sid, st in zip(
+                t.column("source_id").to_pylist(), t.column("status").to_pylist(), strict=False
+            ):
                 self.done_sources[sid] = st
         # clips spooled for a shard that never committed: their sources are redone
         for p in sorted((out / ".work" / "spool").glob("*.mp4")):

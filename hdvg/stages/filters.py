@@ -73,7 +73,9 @@ class LetterboxConfig:
     black_level: int = 24  # luma at or below this counts as black (limited range black is 16)
 
 
-def bar_fractions(profiles: list[tuple[np.ndarray, np.ndarray]], black_level: int) -> tuple[float, float]:
+def bar_fractions(
+    profiles: list[tuple[np.ndarray, np.ndarray]], black_level: int
+) -> tuple[float, float]:
     """Fraction of rows (top+bottom) and columns (left+right) that are black in every frame.
 
     `profiles` are per-frame (brightest value per row, brightest value per column), kept by
