@@ -6,6 +6,7 @@ costs one failed row (reason `timeout` / `decode_error`), never the job.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
@@ -113,9 +114,14 @@ class FrameReader:
         stall_s: float,
         threads: int = 1,
         fast: bool = True,
+        gray: tuple[int, int, int] | None = None,
     ):
         self.path, self.width, self.height, self.fast = path, width, height, fast
         self.timeout_s, self.stall_s, self.threads = timeout_s, stall_s, threads
+        # (width, height, every): also emit every `every`-th frame as a luma thumbnail on a
+        # second pipe, from the same decode (see `gray_frames`)
+        self.gray = gray
+        self.gray_frames: collections.deque[tuple[int, np.ndarray]] = collections.deque()
         self.info = DecodedFrames()
         self._stderr_tail: list[str] = []
         self._killed_reason: str | None = None
@@ -130,27 +136,57 @@ class FrameReader:
             elif "Parsed_showinfo" not in line:
                 self._stderr_tail = (self._stderr_tail + [line.strip()])[-5:]
 
+    def _read_gray(self, fd: int) -> None:
+        """Drain the thumbnail pipe (never let ffmpeg block on it) into `gray_frames`."""
+        gw, gh, every = self.gray
+        size = gw * gh
+        with os.fdopen(fd, "rb") as f:
+            k = 0
+            while True:
+                buf = f.read(size)
+                if len(buf) < size:
+                    return
+                self.gray_frames.append((k * every, np.frombuffer(buf, np.uint8).reshape(gh, gw)))
+                k += 1
+
     def __iter__(self) -> Iterator[np.ndarray]:
         # Detection looks at 256-px thumbnails: the in-loop deblocking filter changes nothing
         # it can see, and skipping it (plus the decoder's non-spec-compliant speedups) cuts
         # H.264 decode time by about a third. Timestamps and keyframe flags are unaffected.
         fast = ["-skip_loop_filter", "all", "-flags2", "+fast"] if self.fast else []
-        vf = f"showinfo=checksum=0,scale={self.width}:{self.height}:flags=fast_bilinear"
-        cmd = [
-            ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "info",
-            "-threads", str(self.threads), *fast, "-i", self.path,
-            "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-fps_mode", "passthrough",
-            "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1",
-        ]  # fmt: skip
+        scale = f"scale={self.width}:{self.height}:flags=fast_bilinear"
+        head = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "info",
+                "-threads", str(self.threads), *fast, "-i", self.path]  # fmt: skip
+        out1 = ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1"]
+        gray_r = gray_w = None
+        if self.gray is None:
+            cmd = [*head, "-map", "0:v:0", "-vf", f"showinfo=checksum=0,{scale}", *out1]
+        else:
+            # one decode, two outputs: detection frames on stdout, every n-th frame as luma
+            # on a second pipe (thumbnails for pre-cut frame filters)
+            gw, gh, every = self.gray
+            gray_r, gray_w = os.pipe()
+            graph = (f"[0:v:0]showinfo=checksum=0,split=2[a][b];[a]{scale}[o1];"
+                     f"[b]select='not(mod(n\\,{every}))',"
+                     f"scale={gw}:{gh}:flags=fast_bilinear,format=gray[o2]")  # fmt: skip
+            cmd = [*head, "-filter_complex", graph, "-map", "[o1]", *out1, "-map", "[o2]",
+                   "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "gray",
+                   f"pipe:{gray_w}"]  # fmt: skip
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            pass_fds=(gray_w,) if gray_w is not None else (),
         )
         err_thread = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
         err_thread.start()
+        gray_thread = None
+        if gray_w is not None:
+            os.close(gray_w)  # the child holds its end; EOF arrives when ffmpeg exits
+            gray_thread = threading.Thread(target=self._read_gray, args=(gray_r,), daemon=True)
+            gray_thread.start()
         start = last = time.monotonic()
         done = threading.Event()
 
@@ -183,6 +219,8 @@ class FrameReader:
             proc.stdout.close()
             proc.wait()
             err_thread.join(timeout=5)
+            if gray_thread is not None:
+                gray_thread.join(timeout=5)
         if self._killed_reason:
             raise FFmpegError("timeout", self._killed_reason)
         if proc.returncode != 0:

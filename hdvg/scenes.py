@@ -79,12 +79,14 @@ class GrayReservoir:
         self.open: list[tuple[int, np.ndarray]] = []
         self.closed: list[tuple[int, np.ndarray]] = []
 
-    def offer(self, i: int, frame: np.ndarray) -> None:
-        if (i - self.start) % self.stride:
+    def offer(self, i: int, gray: np.ndarray) -> None:
+        """A luma thumbnail of frame i (offered at the base stride, possibly a little late)."""
+        if i < self.start:  # arrived after the cut that closed its shot
+            self.closed.append((i, gray))
             return
-        import cv2
-
-        self.open.append((i, cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)))
+        if i % self.stride:
+            return
+        self.open.append((i, gray))
         minutes = math.ceil((i - self.start + 1) / (60 * self.fps))
         if len(self.open) > 2 * self.per_minute * max(1, minutes):
             self.open = self.open[::2]
@@ -115,8 +117,10 @@ def detect_scenes(
     """Decode once; detect cuts (or use the given scenes); return spans ≤ max_clip_s."""
     from scenedetect.common import FrameTimecode
 
-    # with gray thumbnails wanted, decode at their width once and detect on the same frames
-    w, h = frame_size(probe, max(cfg.frame_width, cfg.gray_width) if gray else cfg.frame_width)
+    w, h = frame_size(probe, cfg.frame_width)
+    fps = probe.fps or 25.0
+    # luma thumbnails for pre-cut frame filters come out of the same decode, on a second pipe
+    thumbs = GrayReservoir(fps, cfg.gray_per_minute) if gray else None
     reader = FrameReader(
         path,
         w,
@@ -125,13 +129,12 @@ def detect_scenes(
         stall_s=cfg.stall_s,
         threads=cfg.decode_threads,
         fast=cfg.fast_decode,
+        gray=(*frame_size(probe, cfg.gray_width), thumbs.base) if thumbs else None,
     )
     detector = make_detector(cfg) if cfg.detector != "none" and not given else None
-    fps = probe.fps or 25.0
     sample_every = max(1, round(fps / 2))  # ~2 samples per second for pre-cut filters
     cuts: list[int] = []
     samples: list[FrameSample] = []
-    thumbs = GrayReservoir(fps, cfg.gray_per_minute) if gray else None
     n = 0
     for i, frame in enumerate(reader):
         if detector is not None:
@@ -139,8 +142,8 @@ def detect_scenes(
                 cuts.append(tc.frame_num)
                 if thumbs is not None:
                     thumbs.cut(tc.frame_num)
-        if thumbs is not None:
-            thumbs.offer(i, frame)
+        while reader.gray_frames:
+            thumbs.offer(*reader.gray_frames.popleft())
         if i % sample_every == 0:
             # per-row / per-column brightest value: enough for bar detection, 1000× smaller
             m = frame.max(axis=2)
@@ -155,6 +158,8 @@ def detect_scenes(
         raw = raw + [raw[-1] + (k + 1) / fps if raw else k / fps for k in range(n - len(raw))]
     t0 = raw[0] if raw else 0.0
     pts = [t - t0 for t in raw]
+    while reader.gray_frames:
+        thumbs.offer(*reader.gray_frames.popleft())
     if thumbs is not None:
         samples += [FrameSample(i, 0.0, None, g) for i, g in thumbs.finish() if i < n]
         samples.sort(key=lambda s: s.frame_index)
