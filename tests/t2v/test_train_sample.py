@@ -176,7 +176,7 @@ def test_shipped_configs_load():
     )
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(T2VConfig, {"data": {"frame": 3}})
-    with pytest.raises(ConfigError, match="expected int"):
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
         from_dict(T2VConfig, {"train": {"steps": "many"}})
 
 
