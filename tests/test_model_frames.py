@@ -26,31 +26,40 @@ def _make(path, src: str, vf: str | None = None, extra_inputs: list[str] | None 
     return path.read_bytes()
 
 
-@pytest.fixture(scope="module")
-def vids(tmp_path_factory):
-    d = tmp_path_factory.mktemp("overlay")
+def make_overlay_media(d) -> dict:
+    """The overlay test set, as files: moving content with and without burned-in marks."""
     text = "drawtext=text='CH7 NEWS':x=w-tw-20:y=20:fontsize=26:fontcolor=white@0.9:box=1:boxcolor=black@0.4"
-    return {
-        "clean": _make(d / "clean.mp4", MOVING),
-        "channel": _make(d / "channel.mp4", MOVING, text),
+    specs = {
+        "clean": (MOVING, None, None),
+        "channel": (MOVING, text, None),
         # a corner logo: a white badge with a dark ring, composited with `overlay`
-        "logo": _make(d / "logo.mp4", MOVING,
-                      "[1:v]drawbox=x=8:y=8:w=48:h=24:color=black@0.8:t=4[l];[0:v][l]overlay=16:H-h-16",
-                      ["-f", "lavfi", "-i", "color=c=white:s=64x40:r=25"]),  # fmt: skip
-        "static": _make(d / "static.mp4", MOVING,
-                        "select=eq(n\\,0),loop=loop=80:size=1:start=0,setpts=N/25/TB,"
-                        "noise=alls=3:allf=t"),  # fmt: skip
+        "logo": (MOVING,
+                 "[1:v]drawbox=x=8:y=8:w=48:h=24:color=black@0.8:t=4[l];[0:v][l]overlay=16:H-h-16",
+                 ["-f", "lavfi", "-i", "color=c=white:s=64x40:r=25"]),
+        "static": (MOVING, "select=eq(n\\,0),loop=loop=80:size=1:start=0,setpts=N/25/TB,"
+                   "noise=alls=3:allf=t", None),
         # 2.39:1 picture letterboxed in 16:9, a channel name inside the bottom bar
-        "letterbox": _make(d / "lb.mp4", f"mandelbrot=size={W}x268:rate=25",
-                           "pad=640:360:0:46:black"),  # fmt: skip
-        "letterbox_logo": _make(d / "lbl.mp4", f"mandelbrot=size={W}x268:rate=25",
-                                "pad=640:360:0:46:black,drawtext=text='CH7':x=w-tw-20:"
-                                "y=h-th-10:fontsize=24:fontcolor=white"),  # fmt: skip
-        "text": _make(d / "text.mp4", MOVING, ",".join(
+        "letterbox": (f"mandelbrot=size={W}x268:rate=25", "pad=640:360:0:46:black", None),
+        "letterbox_logo": (f"mandelbrot=size={W}x268:rate=25",
+                           "pad=640:360:0:46:black,drawtext=text='CH7':x=w-tw-20:"
+                           "y=h-th-10:fontsize=24:fontcolor=white", None),
+        "text": (MOVING, ",".join(
             f"drawtext=text='{t}':x=20:y={40 + 60 * i}:fontsize=30:fontcolor=white"
             for i, t in enumerate(["Lorem ipsum dolor sit amet", "consectetur adipiscing elit",
-                                   "do eiusmod tempor incididunt", "ut labore et dolore magna"]))),
+                                   "do eiusmod tempor incididunt", "ut labore et dolore magna"])),
+            None),
     }  # fmt: skip
+    out = {}
+    for name, (src, vf, extra) in specs.items():
+        out[name] = d / f"{name}.mp4"
+        _make(out[name], src, vf, extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory):
+    files = make_overlay_media(tmp_path_factory.mktemp("overlay"))
+    return {k: p.read_bytes() for k, p in files.items()}
 
 
 def _clip(data: bytes, name: str = "c") -> Clip:

@@ -5,7 +5,7 @@ overlay at test time), a static shot, a letterboxed picture."""
 from __future__ import annotations
 
 import pytest
-from test_model_frames import MOVING, W, _make  # tests/ is on sys.path (rootdir conftest)
+from test_model_frames import make_overlay_media  # tests/ is on sys.path (rootdir conftest)
 
 from hdvg.config import ScenesConfig
 from hdvg.pipeline import _pick_samples
@@ -17,20 +17,7 @@ from hdvg.stages import build_stage
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("scan")
-    text = "drawtext=text='CH7 NEWS':x=w-tw-20:y=20:fontsize=26:fontcolor=white@0.9:box=1:boxcolor=black@0.4"
-    out = {
-        "clean": _make(d / "clean.mp4", MOVING),
-        "channel": _make(d / "channel.mp4", MOVING, text),
-        "logo": _make(d / "logo.mp4", MOVING,
-                      "[1:v]drawbox=x=8:y=8:w=48:h=24:color=black@0.8:t=4[l];[0:v][l]overlay=16:H-h-16",
-                      ["-f", "lavfi", "-i", "color=c=white:s=64x40:r=25"]),  # fmt: skip
-        "static": _make(d / "static.mp4", MOVING,
-                        "select=eq(n\\,0),loop=loop=80:size=1:start=0,setpts=N/25/TB,"
-                        "noise=alls=3:allf=t"),  # fmt: skip
-        "letterbox": _make(d / "lb.mp4", f"mandelbrot=size={W}x268:rate=25", "pad=640:360:0:46:black"),
-    }  # fmt: skip
-    return {k: d / f"{'lb' if k == 'letterbox' else k}.mp4" for k in out}
+    return make_overlay_media(tmp_path_factory.mktemp("scan"))
 
 
 def _scan(path, **params) -> Clip:

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...frames import Frames
-from ...models import WeightRef, resolve_head
 from ..base import Check
 from .clip_backbone import BackboneConfig
-from .clip_filter import ClipFilter
-from .heads import load_head
+from .clip_filter import HeadFilter
 
 
 @dataclass
@@ -22,24 +20,13 @@ class AestheticConfig(BackboneConfig):
     min_score: float | None = 4.5  # below: reason low_aesthetic
 
 
-class AestheticFilter(ClipFilter):
+class AestheticFilter(HeadFilter):
     name = "aesthetic"
     Config = AestheticConfig
     score_columns = ("aesthetic_score",)
 
-    def weights(self) -> list[WeightRef]:
-        return [*super().weights(), resolve_head(self.name, self.cfg.head)]
-
-    def setup(self) -> None:
-        super().setup()
-        ref = resolve_head(self.name, self.cfg.head)
-        self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
-
     def score_embeddings(self, frames: list[Frames], emb: list[np.ndarray]):
-        import torch
-
-        with torch.no_grad():
-            y = self.head(torch.from_numpy(np.stack(emb)).float())[:, 0].numpy()
+        y = self.head_outputs(emb)[:, 0].numpy()
         return [{"aesthetic_score": float(v)} for v in y]
 
     def checks(self) -> list[Check]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...frames import Frames
-from ...models import WeightRef
+from ...models import WeightRef, resolve_head
 from .base import FrameFilter, ModelMixin
 from .clip_backbone import Backbone
+from .heads import load_head
 
 
 class ClipFilter(ModelMixin, FrameFilter):
@@ -29,3 +32,23 @@ class ClipFilter(ModelMixin, FrameFilter):
 
     def score_batch(self, frames: list[Frames]) -> list[dict[str, float | None]]:
         return self.score_embeddings(frames, self.backbone().image_embeddings(frames))
+
+
+class HeadFilter(ClipFilter):
+    """A small head on the CLIP image embedding, its weights `cfg.head` under $HDVG_WEIGHTS
+    (aesthetic predictor, watermark classifier)."""
+
+    def weights(self) -> list[WeightRef]:
+        return [*super().weights(), resolve_head(self.name, self.cfg.head)]
+
+    def setup(self) -> None:
+        super().setup()
+        ref = resolve_head(self.name, self.cfg.head)
+        self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
+
+    def head_outputs(self, emb: list[np.ndarray]):
+        """(N, outputs) torch tensor of the head on a batch of embeddings."""
+        import torch
+
+        with torch.no_grad():
+            return self.head(torch.from_numpy(np.stack(emb)).float())

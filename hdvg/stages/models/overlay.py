@@ -134,6 +134,20 @@ def detect_static_overlay(gray: np.ndarray, cfg: OverlayConfig) -> Overlay:
     return best
 
 
+def overlay_scores(gray: np.ndarray, clip_width: int, cfg: OverlayConfig) -> dict:
+    """Score columns of one clip from (N, H, W) luma frames: downscale to the analysis
+    width, detect, report the box in the clip's pixels."""
+    if gray.shape[2] > cfg.width:
+        size = (cfg.width, max(2, round(gray.shape[1] * cfg.width / gray.shape[2])))
+        gray = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in gray])
+    ov = detect_static_overlay(gray, cfg)
+    out: dict[str, float | None] = {"overlay_score": ov.score, "moving_fraction": ov.moving}
+    scale = clip_width / gray.shape[2]
+    box = [round(v * scale) for v in ov.box] if ov.box else [None] * 4
+    out.update(zip(("overlay_x", "overlay_y", "overlay_w", "overlay_h"), box, strict=True))
+    return out
+
+
 class StaticOverlayFilter(WeightFreeFrameFilter):
     name = "static_overlay"
     Config = OverlayConfig
@@ -141,17 +155,7 @@ class StaticOverlayFilter(WeightFreeFrameFilter):
                      "moving_fraction")  # fmt: skip
 
     def score_frames(self, fr: Frames) -> dict[str, float | None]:
-        g = fr.gray()
-        s = self.cfg.width / g.shape[2]
-        if s < 1.0:
-            size = (self.cfg.width, max(2, round(g.shape[1] * s)))
-            g = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in g])
-        ov = detect_static_overlay(g, self.cfg)
-        out: dict[str, float | None] = {"overlay_score": ov.score, "moving_fraction": ov.moving}
-        scale = fr.width / g.shape[2]
-        box = [round(v * scale) for v in ov.box] if ov.box else [None] * 4
-        out.update(zip(("overlay_x", "overlay_y", "overlay_w", "overlay_h"), box, strict=True))
-        return out
+        return overlay_scores(fr.gray(), fr.width, self.cfg)
 
     def checks(self) -> list[Check]:
         return [Check("overlay_score", "<=", self.cfg.max_score, "watermark")]
@@ -187,17 +191,7 @@ class ScanOverlayFilter(Filter):
         thumbs = [s.gray for s in have]
         if not thumbs:
             return dict.fromkeys(self.score_columns)
-        g = np.stack(thumbs)  # (N, H, W)
-        s = self.cfg.width / g.shape[2]
-        if s < 1.0:
-            size = (self.cfg.width, max(2, round(g.shape[1] * s)))
-            g = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in g])
-        ov = detect_static_overlay(g, self.cfg)
-        out: dict[str, float | None] = {"overlay_score": ov.score, "moving_fraction": ov.moving}
-        scale = clip.width / g.shape[2]
-        box = [round(v * scale) for v in ov.box] if ov.box else [None] * 4
-        out.update(zip(("overlay_x", "overlay_y", "overlay_w", "overlay_h"), box, strict=True))
-        return out
+        return overlay_scores(np.stack(thumbs), clip.width, self.cfg)
 
     def checks(self) -> list[Check]:
         return [Check("overlay_score", "<=", self.cfg.max_score, "watermark")]

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...frames import Frames
-from ...models import WeightRef, resolve_head
 from ..base import Check
 from .clip_backbone import BackboneConfig
-from .clip_filter import ClipFilter
-from .heads import load_head
+from .clip_filter import HeadFilter
 
 
 @dataclass
@@ -24,25 +22,16 @@ class WatermarkConfig(BackboneConfig):
     max_score: float | None = 0.5  # above: reason watermark
 
 
-class WatermarkFilter(ClipFilter):
+class WatermarkFilter(HeadFilter):
     name = "watermark"
     Config = WatermarkConfig
     score_columns = ("watermark_score",)
 
-    def weights(self) -> list[WeightRef]:
-        return [*super().weights(), resolve_head(self.name, self.cfg.head)]
-
-    def setup(self) -> None:
-        super().setup()
-        ref = resolve_head(self.name, self.cfg.head)
-        self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
-
     def score_embeddings(self, frames: list[Frames], emb: list[np.ndarray]):
         import torch
 
-        with torch.no_grad():
-            y = self.head(torch.from_numpy(np.stack(emb)).float())
-            p = torch.softmax(y, -1)[:, 1] if y.shape[1] == 2 else torch.sigmoid(y[:, 0])
+        y = self.head_outputs(emb)
+        p = torch.softmax(y, -1)[:, 1] if y.shape[1] == 2 else torch.sigmoid(y[:, 0])
         return [{"watermark_score": float(v)} for v in p.numpy()]
 
     def checks(self) -> list[Check]:
