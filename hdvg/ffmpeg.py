@@ -62,26 +62,39 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run(args: list[str], timeout_s: float, *, what: str = "ffmpeg") -> subprocess.CompletedProcess:
-    """Run `ffmpeg ARGS` with no stdin; kill its whole process group after `timeout_s`."""
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", *args]
+def run_killable(
+    cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes] | None:
+    """Run an external tool with no stdin in its own process group; on timeout kill the whole
+    group (the tool and anything it spawned) and return None."""
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        start_new_session=True,  # own process group: a timeout kills ffmpeg and its children
+        start_new_session=True,
+        env=env,
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         proc.communicate()
-        raise FFmpegError("timeout", f"{what} exceeded {timeout_s:.0f}s") from None
-    if proc.returncode != 0:
+        return None
+    return proc.returncode, out or b"", err or b""
+
+
+def run(args: list[str], timeout_s: float, *, what: str = "ffmpeg") -> subprocess.CompletedProcess:
+    """Run `ffmpeg ARGS` with no stdin; kill its whole process group after `timeout_s`."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", *args]
+    res = run_killable(cmd, timeout_s)
+    if res is None:
+        raise FFmpegError("timeout", f"{what} exceeded {timeout_s:.0f}s")
+    rc, out, err = res
+    if rc != 0:
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        raise FFmpegError("ffmpeg_error", f"{what} exited {proc.returncode}: {' | '.join(tail)}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        raise FFmpegError("ffmpeg_error", f"{what} exited {rc}: {' | '.join(tail)}")
+    return subprocess.CompletedProcess(cmd, rc, out, err)
 
 
 _SHOWINFO = re.compile(r"\bn:\s*(\d+)\s+pts:\s*(-?\d+)\s+pts_time:(-?[\d.e+-]+).*?\biskey:(\d)")

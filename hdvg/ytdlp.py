@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from .config import ConfigError, DownloadConfig, build
 from .download import DownloadError, Fetched, check_host, classify_text, with_retries
+from .ffmpeg import run_killable
 
 PREFIX = "ytdlp:"
 YOUTUBE_HOSTS = {"youtube.com", "www.youtube.com", "m.youtube.com", "music.youtube.com",
@@ -131,15 +131,6 @@ def build_command(url: str, out_dir: Path, yc: YtdlpConfig, cfg: DownloadConfig,
     return [*cmd, "--", url]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def classify(stderr: str) -> str:
     """A yt-dlp failure's reason, from its `ERROR:` lines (the last one is the cause)."""
     errors = [ln for ln in stderr.splitlines() if ln.startswith("ERROR:")]
@@ -148,19 +139,12 @@ def classify(stderr: str) -> str:
 
 
 def run_ytdlp(cmd: list[str], timeout_s: float) -> tuple[int, str]:
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,  # own process group: a timeout kills yt-dlp and its ffmpeg
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        proc.communicate()
-        raise DownloadError("timeout", f"yt-dlp exceeded {timeout_s:.0f}s") from None
-    log = (err or b"").decode(errors="replace") + (out or b"").decode(errors="replace")[-2000:]
-    return proc.returncode, log
+    # own process group: a timeout kills yt-dlp and the ffmpeg it runs
+    res = run_killable(cmd, timeout_s, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if res is None:
+        raise DownloadError("timeout", f"yt-dlp exceeded {timeout_s:.0f}s")
+    rc, out, err = res
+    return rc, err.decode(errors="replace") + out.decode(errors="replace")[-2000:]
 
 
 def fetch_ytdlp(url: str, dest: Path, cfg: DownloadConfig,
