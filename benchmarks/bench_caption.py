@@ -3,7 +3,7 @@ called directly in a loop at its best batch size.
 
 - direct: `model.generate` over ready pixel tensors (frames decoded and processed before
   the clock starts), for each batch size in --batch-sizes; the best is the reference.
-- pipeline: `runner.process_model_stages([caption], results)`, the code a model actor runs
+- pipeline: `pipeline.apply_stages([caption], results)`, the code a model actor runs
   on each batch of sources: clips as mp4 bytes, frames decoded (`hdvg.frames`), processor,
   batched generation, captions written to the clips.
 
@@ -32,8 +32,8 @@ from hdvg import media
 from hdvg.config import ModelsConfig
 from hdvg.frames import decode_frames
 from hdvg.media import VideoSpec
+from hdvg.pipeline import apply_stages
 from hdvg.records import Clip, SourceRecord, SourceResult
-from hdvg.runner import process_model_stages
 from hdvg.stages import build_stage
 from hdvg.stages.models import testing as T
 
@@ -107,11 +107,11 @@ def main() -> int:
     best_b = max(direct, key=direct.get)
 
     st.cfg.batch_size = best_b
-    process_model_stages([st], make_results(data, best_b))  # warm-up
+    apply_stages([st], make_results(data, best_b))  # warm-up
     results = make_results(data, a.clips)
     sync()
     t0 = time.perf_counter()
-    process_model_stages([st], results)
+    apply_stages([st], results)
     sync()
     dt = time.perf_counter() - t0
     clips = [c for r in results for c in r.clips]

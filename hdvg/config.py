@@ -75,7 +75,6 @@ class ScenesConfig:
     min_scene_frames: int = 8  # detector's own min_scene_len: merges flashes, not our clip rule
     max_clip_s: float = 60.0  # a longer scene is split into equal pieces no longer than this
     frame_width: int = 256  # frames are downscaled to this width for detection
-    samples_per_clip: int = 3  # small frames kept per clip for pre-cut filters (letterbox)
     gray_width: int = 480  # luma thumbnails for pre-cut frame filters (filters.overlay)
     gray_per_minute: int = 12  # at most this many thumbnails per minute of a shot (≥ 8 per shot)
     timeout_s: float = 3600.0

@@ -1,24 +1,26 @@
 """One source, end to end, without Ray: download → probe → scenes → pre-cut filters →
 cut → post-cut CPU stages. The runner maps this over sources; model stages run after it
-on actor pools through `apply_stages`.
+on actor pools through the same `apply_stages`.
 
 Every failure becomes a row with a reason; only programmer errors raise.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import PIPELINE_VERSION
 from .config import PipelineConfig
-from .cut import cut_clip, plan_cut
+from .cut import CutPlan, cut_clip, plan_cut
 from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
 from .probe import ProbeError, probe
-from .records import Clip, FrameSample, SourceRecord, SourceResult, SourceTask, clip_key
+from .records import Clip, SourceRecord, SourceResult, SourceTask, clip_key
 from .scenes import SceneResult, detect_scenes
 from .stages import Stage, StageContext, build_stage
 
@@ -85,16 +87,16 @@ class SourceProcessor:
                 # the container promises more than the stream holds: a cut-off download
                 rec.fail("truncated", f"decoded {decoded_s:.1f}s of a declared {declared:.1f}s")
                 return result
-            result.clips = self._candidates(task, rec, scenes)
+            result.clips, plans = self._candidates(task, rec, scenes)
             ctx = [StageContext(rec.probe)] * len(result.clips)
             with timed(tm, "filter"):
                 for stage in self.meta_stages:
                     stage.process_batch(result.clips, ctx)
             with timed(tm, "cut"):
-                for clip in result.clips:
+                for clip, plan in zip(result.clips, plans, strict=True):
                     if clip.alive:
-                        self._cut(fetched.path, clip, scenes)
-            apply_stages(self.clip_stages, result, tm)
+                        self._cut(fetched.path, clip, plan, scenes)
+            apply_stages(self.clip_stages, [result])
         except DownloadError as e:
             rec.fail(e.reason, str(e))
         except ProbeError as e:
@@ -110,10 +112,12 @@ class SourceProcessor:
         rec.n_accepted = sum(c.alive for c in result.clips)
         return result
 
-    def _candidates(self, task: SourceTask, rec: SourceRecord, scenes: SceneResult) -> list[Clip]:
+    def _candidates(
+        self, task: SourceTask, rec: SourceRecord, scenes: SceneResult
+    ) -> tuple[list[Clip], list[CutPlan]]:
         p = rec.probe
-        clips = []
-        samples_by_frame = scenes.samples
+        clips, plans = [], []
+        frames = [s.frame_index for s in scenes.samples]  # sorted by frame
         for i, sp in enumerate(scenes.spans):
             plan = plan_cut(sp, scenes, self.cfg.cut)
             w, h, fps = p.width, p.height, scenes.fps or p.fps
@@ -130,15 +134,16 @@ class SourceProcessor:
                 duration_s=plan.end_s - plan.start_s, width=w, height=h, fps=fps,
                 cut_method=plan.method,
             )  # fmt: skip
-            clip.extra["plan"] = plan
             if sp.given is not None:
                 clip.source_clip_id, clip.source_caption = sp.given.clip_id, sp.given.caption
-            clip.samples = _pick_samples(samples_by_frame, plan.start_frame, plan.end_frame)
+            a = bisect.bisect_left(frames, plan.start_frame)
+            b = bisect.bisect_left(frames, plan.end_frame)
+            clip.samples = scenes.samples[a:b]
             clips.append(clip)
-        return clips
+            plans.append(plan)
+        return clips, plans
 
-    def _cut(self, src: Path, clip: Clip, scenes: SceneResult) -> None:
-        plan = clip.extra.pop("plan")
+    def _cut(self, src: Path, clip: Clip, plan: CutPlan, scenes: SceneResult) -> None:
         try:
             data = cut_clip(str(src), plan, scenes, self.cfg.cut, str(self.work / "tmp"))
         except FFmpegError as e:
@@ -155,18 +160,22 @@ class SourceProcessor:
         clip.fps, clip.duration_s = info["fps"], info["duration_s"]
 
 
-def _pick_samples(samples: list[FrameSample], a: int, b: int) -> list[FrameSample]:
-    return [s for s in samples if a <= s.frame_index < b]
-
-
-def apply_stages(stages: list[Stage], result: SourceResult, tm: dict[str, float]) -> None:
-    """Post-cut stages on the accepted clips of one source (rejected clips are never cut)."""
+def apply_stages(stages: list[Stage], results: list[SourceResult]) -> None:
+    """Post-cut stages on the accepted clips of one or more sources (rejected clips are never
+    cut). All live clips of the batch go through each stage together, so a model stage sees
+    full batches; each source's time is attributed by its share of the clips."""
     for stage in stages:
-        live = [c for c in result.clips if c.alive and c.data is not None]
+        live = [(r, c) for r in results for c in r.clips if c.alive and c.data is not None]
         if not live:
             return
-        with timed(tm, stage.name):
-            stage.process_batch(live, [StageContext(result.source.probe)] * len(live))
+        t0 = time.perf_counter()
+        stage.process_batch([c for _, c in live], [StageContext(r.source.probe) for r, _ in live])
+        dt = time.perf_counter() - t0
+        share = Counter(id(r) for r, _ in live)
+        for r in results:
+            if share[id(r)]:
+                spent = dt * share[id(r)] / len(live)
+                r.source.timings[stage.name] = r.source.timings.get(stage.name, 0.0) + spent
 
 
 def probe_clip(data: bytes) -> dict:
@@ -187,10 +196,7 @@ def probe_clip(data: bytes) -> dict:
         else:
             fps = float(vs.average_rate or 0) or 25.0
             duration = 1.0 / fps
-        rotation = 0
         w, h = vs.codec_context.width, vs.codec_context.height
-        if rotation in (90, 270):
-            w, h = h, w
         return {"codec": vs.codec_context.name, "width": w, "height": h, "fps": fps,
                 "duration_s": duration, "frames": n}  # fmt: skip
 

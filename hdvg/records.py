@@ -7,7 +7,7 @@ Per-sample failures are data: a `Clip` or `SourceRecord` carries `status` and a 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 # Stable reason codes. Stages may add their own; these are the ones the core emits.
@@ -90,7 +90,6 @@ class SourceTask:
     start_s: float | None = None
     end_s: float | None = None
     given_scenes: list[GivenScene] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,7 +167,6 @@ class Clip:
     sha256: str | None = None
     data: bytes | None = field(default=None, repr=False)  # the mp4, once cut
     samples: list[FrameSample] = field(default_factory=list, repr=False)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -216,11 +214,3 @@ class SourceResult:
 
     source: SourceRecord
     clips: list[Clip] = field(default_factory=list)
-
-    def drop_payloads(self) -> None:
-        for c in self.clips:
-            c.samples = []
-
-
-def to_plain(obj: Any) -> Any:
-    return asdict(obj)

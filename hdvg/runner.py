@@ -25,7 +25,7 @@ from typing import Any
 from . import PIPELINE_VERSION, __version__
 from .config import PipelineConfig
 from .manifest.writer import DatasetWriter, Ledger
-from .pipeline import SourceProcessor, build_stages, manifest_meta
+from .pipeline import SourceProcessor, apply_stages, build_stages, manifest_meta
 from .records import SourceRecord, SourceResult, SourceTask
 from .sources import read_sources
 
@@ -87,29 +87,9 @@ class ModelStageActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = [pickle.loads(b) for b in batch["result"]]
-        process_model_stages(self.stages, results)
+        apply_stages(self.stages, results)
         batch["result"] = [pickle.dumps(r) for r in results]
         return batch
-
-
-def process_model_stages(stages: list, results: list[SourceResult]) -> None:
-    """All live clips of a batch of sources go through each model stage together, so the
-    stage sees full model batches; per-source time is attributed by clip share."""
-    for stage in stages:
-        live = [(r, c) for r in results for c in r.clips if c.alive and c.data is not None]
-        if not live:
-            continue
-        from .stages import StageContext
-
-        t0 = time.perf_counter()
-        stage.process_batch([c for _, c in live], [StageContext(r.source.probe) for r, _ in live])
-        dt = time.perf_counter() - t0
-        counts = Counter(id(r) for r, _ in live)
-        for r in results:
-            if id(r) in counts:
-                r.source.timings[stage.name] = r.source.timings.get(stage.name, 0.0) + dt * counts[
-                    id(r)
-                ] / len(live)
 
 
 # --- driver ---------------------------------------------------------------------------
@@ -188,8 +168,6 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
     # bounds the retries per source itself, so no deprecated `ray_remote_args` are needed.
     ds = ds.map(_source_fn, fn_kwargs={"cfg": cfg, "out": out}, num_cpus=cfg.ray.source_cpus)
     if any(s.uses_model for s in build_stages(cfg, "clip_stages")):
-        import torch
-
         gpus = cfg.models.num_gpus if (cfg.models.device != "cpu" and _cluster_has_gpu(ray)) else 0
         ds = ds.map_batches(
             ModelStageActor,
@@ -199,7 +177,6 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
             num_gpus=gpus,
             num_cpus=0 if gpus else 1,
         )
-        del torch
     for row in ds.iter_rows():
         yield pickle.loads(row["result"])
 
@@ -216,7 +193,7 @@ def _serial_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str):
     for t in tasks:
         r = proc(t)
         if model:
-            process_model_stages(model, [r])
+            apply_stages(model, [r])
         yield r
 
 

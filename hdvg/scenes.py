@@ -65,9 +65,9 @@ class GrayReservoir:
     Frames are offered at a base stride (about 4 per second, so a 2 s shot still gets 8);
     when a shot holds more than twice its budget (`per_minute` per started minute, at least
     8) every other thumbnail is dropped and the stride doubles, leaving between one and two
-    budgets' worth. Memory stays at a
-    few dozen thumbnails per minute of footage whatever the source's length, and no second
-    decode of the clip is needed later (the static-overlay filter reads these).
+    budgets' worth. Memory stays at a few dozen thumbnails per minute of footage whatever
+    the source's length, and no second decode of the clip is needed later (the
+    static-overlay filter reads these).
     """
 
     def __init__(self, fps: float, per_minute: int):

@@ -158,26 +158,22 @@ def test_rerun_same_output_is_a_noop(curated, tmp_path, media_dir, ray_local):
     assert len(ids) == len(set(ids))
 
 
+def _curate_cli(pipeline, inp, out) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hdvg", "curate", str(pipeline), "--input", str(inp),
+           "--output", str(out)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def test_cli_exit_codes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("scenes: {detecter: adaptive}\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "hdvg", "curate", str(bad), "--input", str(tmp_path),
-         "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    r = _curate_cli(bad, tmp_path, tmp_path / "o")
     assert r.returncode == 2 and "detecter" in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "hdvg", "curate", str(ROOT / "pipelines" / "smoke.yaml"),
-         "--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    smoke = ROOT / "pipelines" / "smoke.yaml"
+    r = _curate_cli(smoke, tmp_path / "missing.txt", tmp_path / "o")
     assert r.returncode == 2 and "missing.txt" in r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("x")
     (tmp_path / "in").mkdir()
-    r = subprocess.run(
-        [sys.executable, "-m", "hdvg", "curate", str(ROOT / "pipelines" / "smoke.yaml"),
-         "--input", str(tmp_path / "in"), "--output", str(blocker / "out")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    r = _curate_cli(smoke, tmp_path / "in", blocker / "out")
     assert r.returncode == 2 and "cannot write" in r.stderr

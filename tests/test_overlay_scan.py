@@ -8,7 +8,6 @@ import pytest
 from test_model_frames import make_overlay_media  # tests/ is on sys.path (rootdir conftest)
 
 from hdvg.config import ScenesConfig
-from hdvg.pipeline import _pick_samples
 from hdvg.probe import probe
 from hdvg.records import Clip
 from hdvg.scenes import detect_scenes
@@ -26,7 +25,7 @@ def _scan(path, **params) -> Clip:
     sp = res.spans[0]
     clip = Clip("x_0000", "x", str(path), 0, sp.start_s, sp.end_s, sp.start_frame, sp.end_frame,
                 sp.end_s - sp.start_s, pr.width, pr.height, pr.fps)  # fmt: skip
-    clip.samples = _pick_samples(res.samples, sp.start_frame, sp.end_frame)
+    clip.samples = [s for s in res.samples if sp.start_frame <= s.frame_index < sp.end_frame]
     assert sum(s.gray is not None for s in clip.samples) >= 8
     st = build_stage("overlay", params)
     st.process_batch([clip], [None])
