@@ -115,6 +115,15 @@ class ModelsConfig:
     num_gpus: float = 1.0  # per actor, when CUDA is available
     actors: int = 1  # actor pool size per model stage group
     batch_size: int = 8  # sources per actor call (clips are re-batched per model)
+    # decode frames + CPU pre-processing in a CPU task stage ahead of the actors, so the
+    # actors' processes only run models; null (auto): when the actors get GPUs
+    frame_pool: bool | None = None
+    frame_pool_cpus: float = 1.0  # per frame-pool task
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"models.device must be auto, cpu or cuda, got {self.device!r}")
+
     allow_download: bool = False  # fetch weights from a hub at run time
     cache_dir: str | None = None  # HF cache; default: $HF_HOME
 

@@ -1,15 +1,20 @@
 """Frames of a cut clip, decoded once for every frame-reading stage.
 
 All model stages of a recipe (captions, CLIP, aesthetic, watermark, motion, overlay, text)
-read the same few frames of a clip. `get_frames(clip)` decodes them from `clip.data` with
-PyAV the first time any stage asks and caches them beside the clip object for as long as
-that object lives: one decode per clip per actor call. The cache is keyed by the object's
-identity and emptied by a `weakref.finalize` when the clip is collected (after the actor
-pickles its results), so frames never travel between Ray stages (DESIGN: pass bytes, not
-frames) and no stage has to know whether it is the last one to read them.
+read the same few frames of a clip. `get_frames(clip)` returns them, decoding from
+`clip.data` with PyAV the first time any stage asks. Which frames are decoded follows the
+recipe (`spec_for(stages)`): a recipe whose only frame reader is the middle-frame caption
+decodes up to the middle frame and stops there.
 
-Derived per-clip values (a CLIP embedding shared by three stages) ride the same cache via
-`memo(clip, key, fn)`.
+Two places hold decoded frames:
+- `clip.frames`, set by the CPU frame pool that runs ahead of the model actors
+  (`hdvg.pipeline.prepare_frames`): frames cross one Ray hop, pool → actor, and the actor
+  drops them before its results go on (`drop_frames`), so they never reach the driver;
+- otherwise a cache keyed by the clip object's identity and emptied by a
+  `weakref.finalize` when the clip is collected, for stages run in-process.
+
+Derived per-clip values (a CLIP embedding shared by three stages, a caption model's pixel
+tensor computed by the frame pool) ride the same object via `memo(clip, key, fn)`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,32 @@ import numpy as np
 @dataclass(frozen=True)
 class FrameSpec:
     """Which frames to decode: `n` spread evenly over the clip, plus the exact middle one
-    (HD-VG-130M captions the middle frame), each with the frame right after it (optical
-    flow wants neighbours, not frames a second apart)."""
+    (HD-VG-130M captions the middle frame), each with the frame right after it when
+    `nexts` (optical flow wants neighbours, not frames a second apart). `n=0, nexts=False`
+    is the middle frame alone."""
 
     n: int = 8
     max_side: int = 640  # long side after downscaling; the models resize further anyway
+    nexts: bool = True
 
 
 DEFAULT_SPEC = FrameSpec()
+MIDDLE_ONLY = FrameSpec(n=0, nexts=False)
+_SPEC = [DEFAULT_SPEC]  # the spec of this process's recipe (`use_spec`)
+
+
+def spec_for(stages: list[Any]) -> FrameSpec | None:
+    """The frames a recipe's stages read: the middle frame alone when every frame reader
+    says `frame_use == "middle"`; None when no stage reads frames."""
+    uses = {getattr(s, "frame_use", None) for s in stages} - {None}
+    if not uses:
+        return None
+    return MIDDLE_ONLY if uses == {"middle"} else DEFAULT_SPEC
+
+
+def use_spec(spec: FrameSpec | None) -> None:
+    """Set the frames `get_frames` decodes in this process (per worker / actor)."""
+    _SPEC[0] = spec or DEFAULT_SPEC
 
 
 @dataclass
@@ -72,6 +95,7 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 def sample_indices(n_frames: int, n: int) -> tuple[list[int], int]:
     """`n` indices at the centres of `n` equal spans, plus the middle frame; (sorted, middle pos)."""
+    n = min(n, n_frames)
     mid = n_frames // 2
     idx = {min(n_frames - 1, int((i + 0.5) * n_frames / n)) for i in range(n)} | {mid}
     out = sorted(idx)
@@ -82,41 +106,49 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC) -> Frames:
     """Decode the sampled frames (and their successors) of an mp4 held in memory.
 
     Two passes over the bytes: packets are counted first (no decoding) so the sample points
-    are known, then one sequential decode converts only the frames it keeps; the scaler
-    downsizes in C. Raises `ValueError` on a clip without decodable frames.
+    are known, then one sequential decode converts only the frames it keeps and stops after
+    the last one; the scaler downsizes in C. Raises `ValueError` on a clip without
+    decodable frames.
     """
     import av
 
     with av.open(io.BytesIO(data)) as c:
-        n_frames = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+        pts = sorted(p.pts for p in c.demux(c.streams.video[0]) if p.size and p.pts is not None)
+    n_frames = len(pts)
     if n_frames == 0:
         raise ValueError("no video frames")
     indices, middle = sample_indices(n_frames, spec.n)
-    want = set(indices)
-    want_next = {i + 1 for i in indices}
+    keep = set(indices) | ({i + 1 for i in indices if i + 1 < n_frames} if spec.nexts else set())
+    at = {pts[i]: i for i in keep}  # frames are found by timestamp, not by output count
     images: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as c:
         vs = c.streams.video[0]
         vs.thread_type = "AUTO"
+        cc = vs.codec_context
         fps = float(vs.average_rate or vs.guessed_rate or 25.0)
-        w0, h0 = vs.codec_context.width, vs.codec_context.height
+        w0, h0 = cc.width, cc.height
         s = min(1.0, spec.max_side / max(w0, h0))
         w, h = max(2, round(w0 * s / 2) * 2), max(2, round(h0 * s / 2) * 2)
-        last = max(want_next)
-        for i, frame in enumerate(c.decode(vs)):
-            if i in want or i in want_next:
-                images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
-            if i >= last:
+        for packet in c.demux(vs):
+            # frames no other frame refers to are skipped unless kept: the kept frames
+            # decode exactly as in a full decode, at a fraction of the work with B-frames
+            cc.skip_frame = "DEFAULT" if packet.pts in at else "NONREF"
+            for frame in packet.decode():
+                i = at.get(frame.pts)
+                if i is not None:
+                    images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
+            if len(images) == len(at):
                 break
     if not images:
         raise ValueError("no frame decoded")
     got = sorted(images)
     # a clip may hold fewer decodable frames than packets: fall back to the nearest decoded
     near = {i: images[min(got, key=lambda g: abs(g - i))] for i in indices}
-    nexts = [images.get(i + 1, near[i]) for i in indices]
+    imgs = np.stack([near[i] for i in indices])
+    nexts = np.stack([images.get(i + 1, near[i]) for i in indices]) if spec.nexts else imgs
     return Frames(
-        images=np.stack([near[i] for i in indices]),
-        nexts=np.stack(nexts),
+        images=imgs,
+        nexts=nexts,
         indices=indices,
         middle=middle,
         n_frames=n_frames,
@@ -130,14 +162,18 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC) -> Frames:
 _CACHE: dict[int, Frames] = {}
 
 
-def get_frames(clip: Any, spec: FrameSpec = DEFAULT_SPEC) -> Frames:
-    """The clip's frames, decoded on first use and shared by every later stage."""
+def get_frames(clip: Any, spec: FrameSpec | None = None) -> Frames:
+    """The clip's frames: those the frame pool put on it, or decoded on first use (with
+    `spec`, default the process's `use_spec`) and shared by every later stage."""
+    fr = getattr(clip, "frames", None)
+    if fr is not None:
+        return fr
     key = id(clip)
     fr = _CACHE.get(key)
     if fr is None:
         if clip.data is None:
             raise ValueError(f"clip {clip.clip_id} has no mp4 data")
-        fr = decode_frames(clip.data, spec)
+        fr = decode_frames(clip.data, spec or _SPEC[0])
         _CACHE[key] = fr
         weakref.finalize(clip, _CACHE.pop, key, None)
     return fr
@@ -154,6 +190,15 @@ def memo(clip: Any, key: str, fn: Callable[[Frames], Any]) -> Any:
 def release(clip: Any) -> None:
     """Drop a clip's frames now (the cache also empties itself when the clip is collected)."""
     _CACHE.pop(id(clip), None)
+    if getattr(clip, "frames", None) is not None:
+        clip.frames = None
+
+
+def drop_frames(results: list[Any]) -> None:
+    """Drop the frames of every clip of these sources, before they travel on."""
+    for r in results:
+        for c in r.clips:
+            release(c)
 
 
 def cached_count() -> int:

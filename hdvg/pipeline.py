@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import bisect
 import io
+import pickle
 import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from . import PIPELINE_VERSION
 from .config import PipelineConfig
 from .cut import CutPlan, cut_clip, plan_cut
 from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
+from .frames import decode_frames, drop_frames, spec_for, use_spec
 from .probe import ProbeError, probe
 from .records import Clip, SourceRecord, SourceResult, SourceTask, clip_key
 from .scenes import SceneResult, detect_scenes
@@ -176,6 +179,66 @@ def apply_stages(stages: list[Stage], results: list[SourceResult]) -> None:
             if share[id(r)]:
                 spent = dt * share[id(r)] / len(live)
                 r.source.timings[stage.name] = r.source.timings.get(stage.name, 0.0) + spent
+
+
+def prepare_frames(stages: list[Stage], results: list[SourceResult]) -> None:
+    """The CPU side of the model stages, run by the frame pool ahead of the model actors:
+    each live clip's frames decoded once (`hdvg.frames`, only those the stages read) and
+    each stage's CPU pre-processing (`prepare`, e.g. the caption processor's pixel
+    tensors), left on `clip.frames` for the actor. A clip that does not decode fails here
+    with `decode_error`. Timed per source as `frames`."""
+    spec = spec_for(stages)
+    if spec is None:
+        return
+    for r in results:
+        live = [c for c in r.clips if c.alive and c.data is not None and c.frames is None]
+        if not live:
+            continue
+        with timed(r.source.timings, "frames"):
+            for c in live:
+                try:
+                    c.frames = decode_frames(c.data, spec)
+                except Exception as e:  # noqa: BLE001 - one bad clip is that clip's row
+                    c.fail("decode_error", f"frames: {e}")
+            for s in stages:
+                if hasattr(s, "prepare"):
+                    s.prepare([c for c in live if c.alive])
+
+
+_POOL_STAGES: dict[str, list] = {}
+
+
+def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """The frame pool: decode and pre-process on a CPU worker what the model actors read."""
+    stages = _POOL_STAGES.get(cfg.hash())
+    if stages is None:  # built once per worker; the models themselves are not loaded here
+        stages = _POOL_STAGES[cfg.hash()] = model_stages(cfg)
+    result = pickle.loads(row["result"])
+    prepare_frames(stages, [result])
+    return {**row, "result": pickle.dumps(result, protocol=5)}
+
+
+def model_stages(cfg: PipelineConfig) -> list:
+    return [s for s in build_stages(cfg, "clip_stages") if s.uses_model]
+
+
+class ModelStageActor:
+    """Runs the recipe's model stages; weights load once, in `__init__` (Ray actor).
+    `stages`: already set-up stages (the benchmark attaches a model built in place)."""
+
+    def __init__(self, cfg: PipelineConfig, stages: list | None = None):
+        self.stages = model_stages(cfg) if stages is None else stages
+        if stages is None:
+            for s in self.stages:
+                s.setup()
+        use_spec(spec_for(self.stages))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = [pickle.loads(b) for b in batch["result"]]
+        apply_stages(self.stages, results)
+        drop_frames(results)  # frames from the pool end here: they never reach the driver
+        batch["result"] = [pickle.dumps(r) for r in results]
+        return batch
 
 
 def probe_clip(data: bytes) -> dict:

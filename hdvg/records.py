@@ -167,6 +167,7 @@ class Clip:
     sha256: str | None = None
     data: bytes | None = field(default=None, repr=False)  # the mp4, once cut
     samples: list[FrameSample] = field(default_factory=list, repr=False)
+    frames: Any = field(default=None, repr=False)  # hdvg.frames.Frames, frame pool → actor only
 
     @property
     def alive(self) -> bool:

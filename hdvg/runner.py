@@ -2,7 +2,9 @@
 
 Sources flow as one row each ({order, source_id, result: pickled SourceResult}): the
 source stage (download → cut, CPU tasks with retries) then, when the recipe has model
-stages, an actor pool (`map_batches`, models loaded once per actor, GPUs when present).
+stages, an actor pool (`map_batches`, models loaded once per actor, GPUs when present),
+fed by a CPU frame pool (`map`) that decodes and pre-processes the clips' frames so a GPU
+actor's process only runs models.
 The driver streams results in input order into the `DatasetWriter`, which commits shards
 and manifest parts together; the driver never holds more than one shard's worth of clips.
 """
@@ -24,8 +26,17 @@ from typing import Any
 
 from . import PIPELINE_VERSION, __version__
 from .config import PipelineConfig
+from .frames import drop_frames
 from .manifest.writer import DatasetWriter, Ledger
-from .pipeline import SourceProcessor, apply_stages, build_stages, manifest_meta
+from .pipeline import (
+    ModelStageActor,
+    SourceProcessor,
+    apply_stages,
+    build_stages,
+    frame_pool_row,
+    manifest_meta,
+    model_stages,
+)
 from .records import SourceRecord, SourceResult, SourceTask
 from .sources import read_sources
 
@@ -75,21 +86,6 @@ def _count_attempt(marker: Path) -> int:
         n = 1
     marker.write_text(str(n))
     return n
-
-
-class ModelStageActor:
-    """Runs the recipe's model stages; weights load once, in `__init__` (Ray actor)."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.stages = [s for s in build_stages(cfg, "clip_stages") if s.uses_model]
-        for s in self.stages:
-            s.setup()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = [pickle.loads(b) for b in batch["result"]]
-        apply_stages(self.stages, results)
-        batch["result"] = [pickle.dumps(r) for r in results]
-        return batch
 
 
 # --- driver ---------------------------------------------------------------------------
@@ -167,8 +163,12 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
     # never retries user exceptions: per-source errors are rows already); `_source_fn`
     # bounds the retries per source itself, so no deprecated `ray_remote_args` are needed.
     ds = ds.map(_source_fn, fn_kwargs={"cfg": cfg, "out": out}, num_cpus=cfg.ray.source_cpus)
-    if any(s.uses_model for s in build_stages(cfg, "clip_stages")):
+    if model_stages(cfg):
         gpus = cfg.models.num_gpus if (cfg.models.device != "cpu" and _cluster_has_gpu(ray)) else 0
+        pool = cfg.models.frame_pool
+        if pool or (pool is None and gpus):
+            # frames decoded on CPU workers ahead of the actors: a GPU actor only runs models
+            ds = ds.map(frame_pool_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.models.frame_pool_cpus)
         ds = ds.map_batches(
             ModelStageActor,
             fn_constructor_kwargs={"cfg": cfg},
@@ -187,13 +187,12 @@ def _cluster_has_gpu(ray) -> bool:
 
 def _serial_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str):
     proc = SourceProcessor(cfg, out)
-    model = [s for s in build_stages(cfg, "clip_stages") if s.uses_model]
-    for s in model:
-        s.setup()
+    actor = ModelStageActor(cfg) if model_stages(cfg) else None
     for t in tasks:
         r = proc(t)
-        if model:
-            apply_stages(model, [r])
+        if actor:
+            apply_stages(actor.stages, [r])
+            drop_frames([r])
         yield r
 
 

@@ -133,13 +133,8 @@ def test_hdvg_models_lists_weights(tiny, tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().out
 
 
-def test_curate_end_to_end_with_tiny_models(tiny, ray_local, tmp_path):
-    from hdvg.runner import curate
-
-    src = tmp_path / "src"
-    src.mkdir()
-    media.make_video(src / "a.mp4", VideoSpec(1280, 720, 25, (2.2, 2.4)))
-    cfg = from_dict({
+def _recipe(tiny, **models):
+    return from_dict({
         "filters": {"duration": {"min_s": 2.0}, "resolution": {"min_short_side": 720}},
         "clip_stages": {
             "motion": {"min_motion": 0.0, "actor": True},
@@ -150,11 +145,24 @@ def test_curate_end_to_end_with_tiny_models(tiny, ray_local, tmp_path):
                         "max_new_tokens": 5},
             "clip_score": {"path": tiny["open_clip"], "min_score": None},
         },
-        "models": {"device": "cpu", "batch_size": 4},
+        "models": {"device": "cpu", "batch_size": 4, **models},
     })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_shot_source(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    media.make_video(src / "a.mp4", VideoSpec(1280, 720, 25, (2.2, 2.4)))
+    return src
+
+
+def test_curate_end_to_end_with_tiny_models(tiny, two_shot_source, ray_local, tmp_path):
+    from hdvg.runner import curate
+
     out = tmp_path / "out"
-    summary = curate(cfg, str(src), out, quiet=True)
+    summary = curate(_recipe(tiny, frame_pool=False), str(two_shot_source), out, quiet=True)
     assert summary["counts"]["clips_by_status"] == {"accepted": 2}
+    assert "frames" not in summary["stage_seconds"]  # decoded inside the actor
     rows = pq.read_table(out / "manifest" / "clips").to_pylist()
     for r in rows:
         assert r["caption"] and r["caption_model"].startswith("blip2@local-")
@@ -165,3 +173,33 @@ def test_curate_end_to_end_with_tiny_models(tiny, ray_local, tmp_path):
         txt = {Path(m.name).stem: tf.extractfile(m).read().decode()
                for m in tf.getmembers() if m.name.endswith(".txt")}  # fmt: skip
     assert txt == {r["clip_id"]: r["caption"] for r in rows}
+
+    # the same job with the CPU frame pool ahead of the actor (the default when the actors
+    # get GPUs): frames decoded and pre-processed on CPU workers; the same scores, captions
+    # and clip bytes (the shards' json differ only by the config hash)
+    out2 = tmp_path / "out2"
+    summary2 = curate(_recipe(tiny, frame_pool=True), str(two_shot_source), out2, quiet=True)
+    assert summary2["stage_seconds"]["frames"] > 0
+    rows2 = pq.read_table(out2 / "manifest" / "clips").to_pylist()
+    cols = ["clip_id", "caption", "motion_score", "overlay_score", "watermark_score",
+            "aesthetic_score", "clip_score", "sha256", "shard", "tar_offset"]  # fmt: skip
+    assert [{k: r[k] for k in cols} for r in rows2] == [{k: r[k] for k in cols} for r in rows]
+
+
+def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
+    import pickle
+
+    from hdvg.pipeline import ModelStageActor, model_stages, prepare_frames
+    from hdvg.records import SourceRecord, SourceResult
+
+    cfg = from_dict({"clip_stages": {"caption": {"path": tiny["blip2"], "max_new_tokens": 4}},
+                     "models": {"device": "cpu"}})  # fmt: skip
+    r = SourceResult(SourceRecord("s0", "u", 0))
+    r.clips = _clips(clip_bytes, 3)
+    prepare_frames(model_stages(cfg), [r])  # what the frame pool does on a CPU worker
+    fr = r.clips[0].frames
+    assert fr.indices == [fr.n_frames // 2]  # captions only: the middle frame alone
+    assert fr.memo["caption_pixels"].shape == (1, 3, 224, 224)
+    out = ModelStageActor(cfg)({"result": [pickle.dumps(r)]})
+    back = pickle.loads(out["result"][0])
+    assert all(c.caption and c.frames is None for c in back.clips)

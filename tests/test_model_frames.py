@@ -157,3 +157,43 @@ def test_undecodable_clip_fails_with_reason():
     c = _clip(b"not an mp4")
     build_stage("motion", {}).process_batch([c], [None])
     assert c.status == "failed" and c.reason == "decode_error"
+
+
+def _full_decode(data: bytes, spec: frames.FrameSpec) -> tuple:
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as c:
+        every = [f.to_ndarray(width=640, height=360, format="rgb24") for f in c.decode(video=0)]
+    idx, _ = frames.sample_indices(len(every), spec.n)
+    return (np.stack([every[i] for i in idx]),
+            np.stack([every[min(i + 1, len(every) - 1)] for i in idx]))  # fmt: skip
+
+
+def test_sampled_frames_exact_with_b_frames_skipped(tmp_path):
+    """Frames nothing refers to are skipped between the kept ones; the kept frames, found by
+    timestamp, are pixel-identical to those of a full decode (B-pyramid x264 media)."""
+    src = "testsrc2=size=960x540:rate=25,noise=alls=20:allf=t"
+    p = tmp_path / "b.mp4"
+    ffmpeg.run(["-y", "-f", "lavfi", "-i", src, "-t", "2", "-c:v", "libx264", "-preset",
+                "veryfast", "-bf", "3", "-g", "250", "-pix_fmt", "yuv420p", str(p)], 120,
+               what="test media")  # fmt: skip
+    data = p.read_bytes()
+    for spec in (frames.DEFAULT_SPEC, frames.MIDDLE_ONLY):
+        fr = frames.decode_frames(data, spec)
+        images, nexts = _full_decode(data, spec)
+        assert fr.images.shape == images.shape and (fr.images == images).all(), spec
+        if spec.nexts:
+            assert (fr.nexts == nexts).all()
+    mid = frames.decode_frames(data, frames.MIDDLE_ONLY)
+    assert mid.indices == [mid.n_frames // 2] == [25] and mid.middle == 0
+
+
+def test_caption_only_recipe_decodes_the_middle_frame_alone():
+    cap = build_stage("caption", {})
+    assert frames.spec_for([cap]) == frames.MIDDLE_ONLY
+    assert frames.spec_for([cap, build_stage("motion", {})]) == frames.DEFAULT_SPEC
+    assert frames.spec_for([build_stage("caption", {"frames": "multi"})]) == frames.DEFAULT_SPEC
+    assert frames.spec_for([build_stage("resolution", {})]) is None

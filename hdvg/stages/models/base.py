@@ -69,6 +69,7 @@ class FrameFilter(Filter):
     """
 
     needs = "clip"
+    frame_use = "spread"  # reads frames spread over the clip (see `hdvg.frames.spec_for`)
 
     def score_frames(self, fr: Frames) -> dict[str, float | None]:
         raise NotImplementedError

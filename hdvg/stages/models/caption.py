@@ -1,9 +1,11 @@
 """Captions: BLIP-2 on the clip's middle frame (as HD-VG-130M did), BLIP selectable,
 multi-frame selectable; batched generation, bf16 on GPU.
 
-Throughput: while the accelerator generates one batch, a CPU thread decodes the next
-clips' frames (`hdvg.frames`, shared with the other stages) and runs the processor, so
-the model is fed as it would be by a direct loop over ready tensors.
+Throughput: in a Ray run the CPU frame pool ahead of the model actors decodes each clip's
+frames (`hdvg.frames`, shared with the other stages) and runs the image processor
+(`prepare`), so the GPU actor's process only stacks ready pixel tensors and generates, as
+a direct loop over ready tensors would. Without the pool (serial runs, `frame_pool: off`)
+CPU threads decode and process the next batches while the accelerator generates one.
 
 Multi-frame (`frames: multi`): each of `n_frames` frames is captioned and the caption
 agreeing most with the others (mean word overlap) is kept: a consensus, not a summary.
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ...frames import get_frames
+from ...frames import get_frames, memo
 from ...models import WeightRef, device_for, resolve_hf
 from ...records import Clip
 from ..base import Stage, StageContext
@@ -84,23 +86,30 @@ class CaptionStage(ModelMixin, Stage):
             return self.cfg.path.rstrip("/").rsplit("/", 1)[-1]
         return BACKENDS[self.cfg.backend][0]
 
+    @property
+    def frame_use(self) -> str:
+        return "middle" if self.cfg.frames == "middle" else "spread"
+
     def weights(self) -> list[WeightRef]:
         c = self.cfg
         return [resolve_hf(self.name, self.model_name, c.revision, c.path, self.models)]
+
+    def _source(self):
+        (ref,) = self.resolved()
+        kw: dict[str, Any] = {"local_files_only": not self.models.allow_download}
+        if not ref.resolved:
+            kw.update(revision=self.cfg.revision, cache_dir=ref.where.split(" ")[0])
+        return ref, ref.resolved or self.model_name, kw
 
     def setup(self) -> None:
         import torch
         import transformers
 
-        (ref,) = self.resolved()
+        ref, src, kw = self._source()
         device = device_for(self.models)
         dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[self.cfg.dtype]  # fmt: skip
-        src = ref.resolved or self.model_name
-        kw: dict[str, Any] = {"local_files_only": not self.models.allow_download}
-        if not ref.resolved:
-            kw.update(revision=self.cfg.revision, cache_dir=ref.where.split(" ")[0])
         cls = getattr(transformers, BACKENDS[self.cfg.backend][1])
         processor = transformers.AutoProcessor.from_pretrained(src, **kw)
         model = cls.from_pretrained(src, dtype=dtype, **kw).to(device).eval()
@@ -112,6 +121,23 @@ class CaptionStage(ModelMixin, Stage):
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
+    # --- CPU side, in the frame pool ------------------------------------------------------
+
+    def prepare(self, clips: list[Clip]) -> None:
+        """Pixel tensors of each clip's caption frames, computed where its frames were
+        decoded (the CPU frame pool) and carried with them, so the actor's process does no
+        image work. Float32, as the processor makes them: the same captions either way."""
+        if getattr(self, "processor", None) is None:  # the pool loads the processor only
+            import transformers
+
+            _, src, kw = self._source()
+            self.processor = transformers.AutoProcessor.from_pretrained(src, **kw)
+        for c in clips:
+            memo(c, "caption_pixels", lambda _, c=c: self._pixels(self._images(c)))
+
+    def _pixels(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+
     # --- per batch ----------------------------------------------------------------------
 
     def _images(self, clip: Clip) -> list[np.ndarray]:
@@ -122,26 +148,41 @@ class CaptionStage(ModelMixin, Stage):
         return [fr.images[int(i)] for i in np.linspace(0, len(fr.images) - 1, k)]
 
     def _prepare(self, clips: list[Clip], decoded: dict[int, Any]):
-        """CPU side of one batch: wait for its clips' frames, run the processor."""
-        owners, images, failed = [], [], []
+        """CPU side of one batch: wait for its clips' frames; their pixel tensors as the
+        frame pool prepared them, or the image processor's now."""
+        import torch
+
+        owners, pixels, failed = [], [], []
         for c in clips:
             try:
-                decoded[id(c)].result()
-                imgs = self._images(c)
+                fr = decoded[id(c)].result()
+                pix = fr.memo.get("caption_pixels")
+                if pix is None:
+                    pix = self._pixels(self._images(c))
             except Exception as e:  # noqa: BLE001 - this clip's failure, not the batch's
                 failed.append((c, str(e)))
                 continue
-            owners += [c] * len(imgs)
-            images += imgs
-        if not images:
+            owners += [c] * len(pix)
+            pixels.append(pix)
+        if not pixels:
             return owners, None, failed
-        kw: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+        inputs = {"pixel_values": torch.from_numpy(np.concatenate(pixels))}
         if self.cfg.prompt:
-            kw.update(text=[self.cfg.prompt] * len(images), padding=True)
-        inputs = self.processor(**kw)
+            inputs.update(self._prompt_ids(len(owners)))
         if self.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return owners, inputs, failed
+
+    def _prompt_ids(self, n: int) -> dict[str, Any]:
+        """The prompt's token ids, as the processor lays them out beside an image (BLIP-2
+        puts its query-token placeholders first), repeated for `n` images."""
+        if not hasattr(self, "_prompt_enc"):
+            size = self.processor.image_processor.size
+            h, w = size.get("height", 224), size.get("width", 224)
+            enc = self.processor(images=[np.zeros((h, w, 3), np.uint8)],
+                                 text=[self.cfg.prompt], return_tensors="pt")  # fmt: skip
+            self._prompt_enc = {k: v for k, v in enc.items() if k != "pixel_values"}
+        return {k: v.expand(n, -1).contiguous() for k, v in self._prompt_enc.items()}
 
     def _generate(self, inputs) -> list[str]:
         import torch
