@@ -8,7 +8,6 @@ from ...frames import Frames
 from ...models import WeightRef, resolve_head
 from .base import FrameFilter, ModelMixin
 from .clip_backbone import Backbone
-from .heads import load_head
 
 
 class ClipFilter(ModelMixin, FrameFilter):
@@ -44,6 +43,8 @@ class HeadFilter(ClipFilter):
     def setup(self) -> None:
         super().setup()
         ref = resolve_head(self.name, self.cfg.head)
+        from .heads import load_head  # torch: imported where a model loads, not by workers
+
         self.head = load_head(ref.resolved, self.backbone().dim, f"stage {self.name}")
 
     def head_outputs(self, emb: list[np.ndarray]):
