@@ -50,43 +50,63 @@ def _half_frame(scenes: SceneResult, frame: int) -> float:
     return 0.01
 
 
+def _args(src: str, plan: CutPlan, scenes: SceneResult, cfg: CutConfig) -> tuple[list, list]:
+    """(input args, output args without the file name) of one clip's cut."""
+    # -ss before -i is relative to the file's start time (ffmpeg adds start_time), so our
+    # first-frame-relative times work for streams that start late.
+    eps = _half_frame(scenes, plan.start_frame)
+    nframes = plan.end_frame - plan.start_frame
+    audio = [] if cfg.keep_audio else ["-an"]
+    if plan.method == "copy":
+        # seek lands on the keyframe at/before ss; end just before the next shot
+        dur = plan.end_s - plan.start_s - _half_frame(scenes, plan.end_frame)
+        inp = ["-ss", f"{plan.start_s + eps / 2:.6f}", "-i", src]
+        out = [*audio, "-t", f"{max(dur, 0.001):.6f}", "-c", "copy", "-avoid_negative_ts",
+               "make_zero"]  # fmt: skip
+    else:
+        vf = []
+        if cfg.fps:
+            vf.append(f"fps={cfg.fps}")
+            nframes = max(1, round((plan.end_s - plan.start_s) * cfg.fps))
+        if cfg.short_side:
+            s = cfg.short_side
+            vf.append(f"scale='if(gt(iw,ih),-2,{s})':'if(gt(iw,ih),{s},-2)'")
+        inp = ["-ss", f"{max(plan.start_s - eps / 2, 0):.6f}", "-i", src]
+        out = [*audio, "-frames:v", str(nframes)]
+        out += ["-vf", ",".join(vf)] if vf else ["-fps_mode", "passthrough"]
+        out += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf),
+                "-pix_fmt", "yuv420p", "-threads", str(cfg.threads)]  # fmt: skip
+    return inp, [*out, *BITEXACT, "-movflags", "+faststart"]
+
+
 def cut_clip(src: str, plan: CutPlan, scenes: SceneResult, cfg: CutConfig, tmp_dir: str) -> bytes:
     """Write the clip to a temporary file under tmp_dir and return its bytes."""
+    return cut_clips(src, [plan], scenes, cfg, tmp_dir)[0]
+
+
+def cut_clips(src: str, plans: list[CutPlan], scenes: SceneResult, cfg: CutConfig,
+              tmp_dir: str) -> list[bytes]:  # fmt: skip
+    """Several clips of one source with one ffmpeg process (one input and one output per
+    clip, each output exactly as `cut_clip` writes it): a source's stream copies cost one
+    process start instead of one each. Raises `FFmpegError` if any clip fails; the caller
+    then cuts them one by one to find which."""
     Path(tmp_dir).mkdir(parents=True, exist_ok=True)
-    fd, out = tempfile.mkstemp(suffix=".mp4", dir=tmp_dir)
-    os.close(fd)
+    outs = []
     try:
-        # -ss before -i is relative to the file's start time (ffmpeg adds start_time), so
-        # our first-frame-relative times work for streams that start late.
-        eps = _half_frame(scenes, plan.start_frame)
-        nframes = plan.end_frame - plan.start_frame
-        audio = [] if cfg.keep_audio else ["-an"]
-        if plan.method == "copy":
-            # seek lands on the keyframe at/before ss; end just before the next shot
-            dur = plan.end_s - plan.start_s - _half_frame(scenes, plan.end_frame)
-            args = ["-ss", f"{plan.start_s + eps / 2:.6f}", "-i", src, "-map", "0:v:0", *audio,
-                    "-t", f"{max(dur, 0.001):.6f}", "-c", "copy", "-avoid_negative_ts", "make_zero"]  # fmt: skip
-        else:
-            vf = []
-            if cfg.fps:
-                vf.append(f"fps={cfg.fps}")
-                nframes = max(1, round((plan.end_s - plan.start_s) * cfg.fps))
-            if cfg.short_side:
-                s = cfg.short_side
-                vf.append(f"scale='if(gt(iw,ih),-2,{s})':'if(gt(iw,ih),{s},-2)'")
-            args = ["-ss", f"{max(plan.start_s - eps / 2, 0):.6f}", "-i", src, "-map", "0:v:0",
-                    *audio, "-frames:v", str(nframes)]  # fmt: skip
-            if vf:
-                args += ["-vf", ",".join(vf)]
-            else:
-                args += ["-fps_mode", "passthrough"]
-            args += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf),
-                     "-pix_fmt", "yuv420p", "-threads", str(cfg.threads)]  # fmt: skip
-        args += [*BITEXACT, "-movflags", "+faststart", "-y", out]
-        ffmpeg.run(args, cfg.timeout_s, what="cut")
-        data = Path(out).read_bytes()
-        if not data:
+        args: list[str] = []
+        outputs: list[str] = []
+        for k, plan in enumerate(plans):
+            fd, out = tempfile.mkstemp(suffix=".mp4", dir=tmp_dir)
+            os.close(fd)
+            outs.append(out)
+            inp, oargs = _args(src, plan, scenes, cfg)
+            args += inp
+            outputs += ["-map", f"{k}:v:0", *oargs, "-y", out]
+        ffmpeg.run([*args, *outputs], cfg.timeout_s * max(1, len(plans) // 8), what="cut")
+        data = [Path(o).read_bytes() for o in outs]
+        if not all(data):
             raise ffmpeg.FFmpegError("cut_error", "ffmpeg wrote an empty clip")
         return data
     finally:
-        Path(out).unlink(missing_ok=True)
+        for o in outs:
+            Path(o).unlink(missing_ok=True)

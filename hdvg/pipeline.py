@@ -18,7 +18,7 @@ from typing import Any
 
 from . import PIPELINE_VERSION
 from .config import PipelineConfig
-from .cut import CutPlan, cut_clip, plan_cut
+from .cut import CutPlan, cut_clip, cut_clips, plan_cut
 from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
 from .frames import decode_frames, drop_frames, spec_for, use_spec
@@ -96,9 +96,7 @@ class SourceProcessor:
                 for stage in self.meta_stages:
                     stage.process_batch(result.clips, ctx)
             with timed(tm, "cut"):
-                for clip, plan in zip(result.clips, plans, strict=True):
-                    if clip.alive:
-                        self._cut(fetched.path, clip, plan, scenes)
+                self._cut_all(fetched.path, result.clips, plans, scenes)
             apply_stages(self.clip_stages, [result])
         except DownloadError as e:
             rec.fail(e.reason, str(e))
@@ -146,12 +144,38 @@ class SourceProcessor:
             plans.append(plan)
         return clips, plans
 
-    def _cut(self, src: Path, clip: Clip, plan: CutPlan, scenes: SceneResult) -> None:
-        try:
-            data = cut_clip(str(src), plan, scenes, self.cfg.cut, str(self.work / "tmp"))
-        except FFmpegError as e:
-            clip.fail("timeout" if e.reason == "timeout" else "cut_error", str(e))
-            return
+    COPY_BATCH = 16  # stream copies per ffmpeg process
+
+    def _cut_all(self, src: Path, clips: list[Clip], plans: list[CutPlan],
+                 scenes: SceneResult) -> None:  # fmt: skip
+        """Cut the live clips: stream copies in batches (one ffmpeg process each), re-encodes
+        one by one; a failed batch is retried clip by clip so each failure is its own row."""
+        live = [(c, p) for c, p in zip(clips, plans, strict=True) if c.alive]
+        copies = [(c, p) for c, p in live if p.method == "copy"]
+        for i in range(0, len(copies), self.COPY_BATCH):
+            batch = copies[i : i + self.COPY_BATCH]
+            if len(batch) > 1:
+                try:
+                    tmp = str(self.work / "tmp")
+                    datas = cut_clips(str(src), [p for _, p in batch], scenes, self.cfg.cut, tmp)
+                except FFmpegError:
+                    datas = [None] * len(batch)
+            else:
+                datas = [None]
+            for (clip, plan), data in zip(batch, datas, strict=True):
+                self._cut(src, clip, plan, scenes, data)
+        for clip, plan in live:
+            if plan.method != "copy":
+                self._cut(src, clip, plan, scenes)
+
+    def _cut(self, src: Path, clip: Clip, plan: CutPlan, scenes: SceneResult,
+             data: bytes | None = None) -> None:  # fmt: skip
+        if data is None:
+            try:
+                data = cut_clip(str(src), plan, scenes, self.cfg.cut, str(self.work / "tmp"))
+            except FFmpegError as e:
+                clip.fail("timeout" if e.reason == "timeout" else "cut_error", str(e))
+                return
         clip.data = data
         clip.size_bytes = len(data)
         try:

@@ -96,3 +96,46 @@ def test_copy_at_keyframes_reencode_elsewhere(media_dir, tmp_path):
         assert (s.codec_context.width, s.codec_context.height) == (640, 360)
         n = sum(1 for _ in c.decode(s))
     assert n == round((res.spans[0].end_s - res.spans[0].start_s) * 10)
+
+
+def test_copies_of_a_source_share_one_ffmpeg_with_identical_bytes(media_dir, tmp_path):
+    """All stream copies of a source come from one ffmpeg process, byte-identical to the
+    clips cut one by one; a failing batch is retried clip by clip, so only the bad clip
+    fails."""
+    from hdvg import ffmpeg
+    from hdvg.config import PipelineConfig
+    from hdvg.cut import cut_clips
+    from hdvg.pipeline import SourceProcessor
+    from hdvg.records import Clip
+
+    cfg = CutConfig(preset="ultrafast")
+    m = media_dir["hd720.mp4"]
+    res = detect_scenes(str(m.path), probe(m.path), ScenesConfig())
+    plans = [plan_cut(sp, res, cfg) for sp in res.spans]
+    one = [cut_clip(str(m.path), p, res, cfg, str(tmp_path)) for p in plans]
+    assert cut_clips(str(m.path), plans, res, cfg, str(tmp_path)) == one
+
+    calls = []
+    real = ffmpeg.run
+    fail_batches = []
+
+    def run(args, *a, **k):
+        calls.append(args.count("-i"))
+        if fail_batches and args.count("-i") > 1:
+            raise ffmpeg.FFmpegError("cut_error", "injected")
+        return real(args, *a, **k)
+
+    def new_clips():
+        return [Clip(f"c{i}", "s", "u", i, 0, 1, 0, 1, 1, 1280, 720, 25.0) for i in range(2)]
+
+    proc = SourceProcessor(PipelineConfig(), str(tmp_path / "out"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ffmpeg, "run", run)
+        clips = new_clips()
+        proc._cut_all(m.path, clips, plans, res)
+        assert calls == [2] and [c.data for c in clips] == one
+        calls.clear()
+        fail_batches.append(True)
+        clips = new_clips()
+        proc._cut_all(m.path, clips, plans, res)
+        assert calls == [2, 1, 1] and [c.data for c in clips] == one
