@@ -60,7 +60,9 @@ def make_results(data: bytes, n: int, per_source: int = 4) -> list[SourceResult]
 
 
 def _pool_init(cfg) -> None:
-    """A frame-pool worker's set-up (Ray's worker start): stages built, processor loaded."""
+    """A frame-pool worker's set-up (Ray's worker start): stages built, processor loaded,
+    one intra-op thread as Ray gives a 1-CPU task (OMP_NUM_THREADS=1)."""
+    torch.set_num_threads(1)
     stages = pipeline.model_stages(cfg)
     for s in stages:
         s.prepare([])
