@@ -11,7 +11,7 @@ stream splits shards across ranks and workers), or on a Ray cluster via ``hdvg.t
 Run dir::
 
     RUN_DIR/config.yaml            the resolved config
-    RUN_DIR/metrics.jsonl          one JSON object per step (loss, lr, it/s, samples/s, memory)
+    RUN_DIR/metrics.jsonl          one JSON object per step (loss, lr, it/s, samples/s, memory, keys)
     RUN_DIR/tb/                    TensorBoard events
     RUN_DIR/checkpoints/step-NNNNNNNN.ckpt
     RUN_DIR/last.ckpt              symlink to the newest checkpoint
@@ -142,6 +142,7 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     os.replace(tmp_link, link)
     for old in sorted(ckpt_dir.glob("step-*.ckpt"))[:-keep]:
         old.unlink()
+    log.info("saved checkpoint %s", path)
     return path
 
 
@@ -150,7 +151,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(str(path), map_location="cpu", weights_only=False)
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed() -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group).
+
+    torchrun: the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) says who we are and we
+    initialize the group (NCCL on GPUs, gloo on CPUs). Ray Train (``hdvg.t2v.ray_train``) has
+    initialized it already and chosen the device: both are taken as they are.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        return dist.get_rank(), dist.get_world_size(), device, False
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -158,9 +173,22 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, world > 1
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from: a killed run logged steps it
+    then lost, and the resumed run logs them again (metrics.jsonl keeps one row per step)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 class Metrics:
@@ -206,7 +234,7 @@ def main(
     tc = cfg.train
     total_steps = steps if steps is not None else tc.steps
     run_dir = Path(output)
-    rank, world, device = setup_distributed()
+    rank, world, device, own_group = setup_distributed()
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +294,8 @@ def main(
         dataset.load_state(stream.state_dict())
         set_rng_state(ckpt["rng"][rank], gen)
         log.info("resumed from %s at step %d", last, step)
+        if is_main:
+            trim_metrics(run_dir / "metrics.jsonl", step)
     elif resume:
         log.info("no %s yet: starting from scratch", last)
     else:
@@ -351,8 +381,11 @@ def main(
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
             t_last = now
             loss_val = loss.detach()
+            keys: list[Any] = [batch["key"]]
             if world > 1:
                 torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
+                keys = [None] * world
+                torch.distributed.all_gather_object(keys, batch["key"])
             row = {
                 "step": step,
                 "loss": float(loss_val),
@@ -363,6 +396,9 @@ def main(
                 "data_wait_s": data_wait,
                 "skipped_too_short": int(batch["skipped_too_short"].max()),
                 "skipped_decode_error": int(batch["skipped_decode_error"].max()),
+                # which clips this step trained on, per rank: a loss spike leads to its clips
+                # (and through the manifest to their sources)
+                "keys": keys,
             }
             if device.type == "cuda":
                 row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -375,4 +411,6 @@ def main(
     metrics.close()
     if world > 1:
         torch.distributed.barrier()
+    if own_group:  # a group Ray Train made is Ray's to tear down
+        torch.distributed.destroy_process_group()
     return 0
