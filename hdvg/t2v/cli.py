@@ -1,5 +1,6 @@
 """``hdvg train`` and ``hdvg sample``: argparse wiring. ``hdvg/cli.py`` calls :func:`register`;
-``python -m hdvg.t2v.cli train|sample ...`` works on its own (and under torchrun)."""
+``python -m hdvg.t2v.cli train|sample ...`` works on its own (and under torchrun); ``train`` with
+``--ray-workers`` / ``--ray-address`` launches Ray Train (:mod:`hdvg.t2v.ray_train`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     shards = args.shards[0] if len(args.shards) == 1 else args.shards
+    if args.ray_address or args.ray_workers:
+        from hdvg.t2v.ray_train import launch
+
+        return launch(
+            cfg, shards, args.output, steps=args.steps, resume=args.resume,
+            address=args.ray_address, workers=args.ray_workers,
+            gpus_per_worker=args.ray_gpus_per_worker, cpus_per_worker=args.ray_cpus_per_worker,
+        )  # fmt: skip
     return main(cfg, shards, args.output, steps=args.steps, resume=args.resume)
 
 
@@ -60,6 +69,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="run dir (checkpoints, metrics, config)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default: train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    r = p.add_argument_group(
+        "Ray Train (instead of torchrun; RUN_DIR on a filesystem all nodes share)"
+    )
+    r.add_argument(
+        "--ray-address", default=None, help="Ray cluster: auto or ADDR (default: a local Ray)"
+    )
+    r.add_argument(
+        "--ray-workers", type=int, default=None, help="DDP workers (default: one per GPU)"
+    )
+    r.add_argument(
+        "--ray-gpus-per-worker", type=float, default=None, help="default: 1 with GPUs, else 0"
+    )
+    r.add_argument(
+        "--ray-cpus-per-worker", type=float, default=None, help="default: 1 + data.num_workers"
+    )
     p.set_defaults(func=_guard(_train), command="train")
 
     s = subparsers.add_parser("sample", help="sample a video from a t2v checkpoint")

@@ -6,7 +6,9 @@ then loop: clips -> VAE latents -> noise at a random timestep -> U-Net -> MSE on
 v) -> AdamW step -> EMA; log every step, checkpoint every ``ckpt_every`` steps.
 
 Distributed: launch with ``torchrun --nproc-per-node N -m hdvg.t2v.cli train ...`` (DDP; the
-stream splits shards across ranks and workers), or on a Ray cluster via ``hdvg.t2v.ray_train``.
+stream splits shards across ranks and workers), or on a Ray cluster with ``hdvg train ...
+--ray-workers N [--ray-address auto]`` (:mod:`hdvg.t2v.ray_train`: Ray Train runs this ``main``
+on every worker).
 
 Run dir::
 

@@ -62,31 +62,52 @@ def torchrun(config: Path, shards: Path, run: Path, steps: int, resume: bool = F
     return r.stderr
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_split_the_stream_and_resume(four_shards, tmp_path):
-    config = tiny_yaml(tmp_path, ckpt_every=2)
-    full = tmp_path / "full"
-    log = torchrun(config, four_shards, full, 4)
-    got = rows(full)
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return tiny_yaml(tmp_path_factory.mktemp("cfg"), ckpt_every=2)
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(config, four_shards, tmp_path_factory) -> tuple[Path, str]:
+    """4 steps on 2 torchrun ranks, checkpoints at steps 2 and 4: (run dir, its stderr)."""
+    run = tmp_path_factory.mktemp("torchrun") / "run"
+    return run, torchrun(config, four_shards, run, 4)
+
+
+def check_two_rank_run(run: Path, shards: Path) -> dict[int, dict]:
+    """What every 2-rank, 4-step run must show; returns its metrics rows by step."""
+    got = rows(run)
     assert sorted(got) == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in got.values())
 
     # both ranks trained, on different clips: per step one batch from each rank, and over the
     # first epoch (steps 1-2) each rank read its own two whole shards
     assert all(len(r["keys"]) == 2 and all(len(k) == 2 for k in r["keys"]) for r in got.values())
-    where = shard_of_key(four_shards)
+    where = shard_of_key(shards)
     epoch0 = [{where[k] for s in (1, 2) for k in got[s]["keys"][rank]} for rank in (0, 1)]
     assert len(epoch0[0]) == len(epoch0[1]) == 2 and not epoch0[0] & epoch0[1], epoch0
     for r in got.values():
         assert not set(r["keys"][0]) & set(r["keys"][1]), r["keys"]
 
-    # each checkpoint written once, by one rank, holding both ranks' stream and RNG states
-    assert log.count("saved checkpoint") == 2
-    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
+    # checkpoints in RUN_DIR, holding both ranks' stream and RNG states
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-00000002.ckpt", "step-00000004.ckpt"]
-    ckpt = load_checkpoint(full / "last.ckpt")
+    assert os.readlink(run / "last.ckpt") == "checkpoints/step-00000004.ckpt"
+    ckpt = load_checkpoint(run / "last.ckpt")
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
     assert [sorted(d["cursors"]) for d in ckpt["data"]] == [[0], [1]]  # worker 0 of rank 0, 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["ckpt_every"] == 2
+    return got
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_the_stream_and_resume(
+    config, four_shards, torchrun_run, tmp_path
+):
+    full, log = torchrun_run
+    got = check_two_rank_run(full, four_shards)
+    assert log.count("saved checkpoint") == 2  # each checkpoint written once, by rank 0
+    ckpt = load_checkpoint(full / "last.ckpt")
 
     # killed after logging step 4 but before its checkpoint: resumed under torchrun from step
     # 2, it drops the lost rows and trains steps 3-4 again on the same clips, to the same losses
@@ -105,3 +126,50 @@ def test_torchrun_two_ranks_split_the_stream_and_resume(four_shards, tmp_path):
     assert os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
     again = load_checkpoint(cut / "last.ckpt")["model"]
     assert all(torch.equal(v, again[k]) for k, v in ckpt["model"].items())
+
+
+@pytest.mark.slow
+def test_ray_train_runs_the_same_loop(
+    ray_local, config, four_shards, torchrun_run, tmp_path, capsys
+):
+    """2 CPU workers on a real local Ray: the torchrun run's clips, losses and weights."""
+    from hdvg.t2v.cli import main as cli
+
+    run = tmp_path / "ray_run"
+    argv = ["train", str(config), "--shards", str(four_shards), "--output", str(run)]
+    # mistakes fail on the driver, in one line, before any worker starts
+    assert cli(argv + ["--ray-workers", "2", "--ray-gpus-per-worker", "1"]) == 2
+    assert "has no GPUs" in capsys.readouterr().err
+    bad = ["train", str(config), "--shards", str(tmp_path / "none"), "--output", str(run)]
+    assert cli(bad + ["--ray-workers", "2"]) == 2
+    assert "no shards at" in capsys.readouterr().err and not run.exists()
+
+    assert cli(argv + ["--steps", "4", "--ray-workers", "2", "--ray-cpus-per-worker", "1"]) == 0
+    got = check_two_rank_run(run, four_shards)
+    want = rows(torchrun_run[0])
+    for s in (1, 2, 3, 4):
+        assert (got[s]["loss"], got[s]["keys"]) == (want[s]["loss"], want[s]["keys"]), s
+    a = load_checkpoint(run / "last.ckpt")["model"]
+    b = load_checkpoint(torchrun_run[0] / "last.ckpt")["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_ray_flags_parse():
+    import argparse
+
+    from hdvg.t2v.cli import register
+
+    parser = argparse.ArgumentParser(prog="hdvg")
+    register(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["train", "c.yaml", "--shards", "S", "--output", "R"])
+    assert (a.ray_address, a.ray_workers, a.ray_gpus_per_worker) == (None, None, None)
+    a = parser.parse_args(
+        ["train", "c.yaml", "--shards", "S", "--output", "R", "--ray-address", "auto"]
+        + ["--ray-workers", "3", "--ray-gpus-per-worker", "0.5", "--ray-cpus-per-worker", "4"]
+    )
+    assert (a.ray_address, a.ray_workers, a.ray_gpus_per_worker, a.ray_cpus_per_worker) == (
+        "auto",
+        3,
+        0.5,
+        4.0,
+    )

@@ -1,0 +1,123 @@
+"""``hdvg train CONFIG --shards SPEC --output RUN_DIR --ray-workers N [--ray-address auto|ADDR]``.
+
+The same trainer as under torchrun, launched by Ray Train (``ray.train.torch.TorchTrainer``) on
+a Ray cluster, or on a local Ray when no address is given (``RAY_ADDRESS``, as set by ``ray job
+submit``, is honoured like everywhere in hdvg). Every Ray Train worker runs
+:func:`hdvg.t2v.train.main`, one DDP rank each: Ray Train creates the process group (NCCL with
+GPUs, gloo without) and picks each worker's GPU; ``setup_distributed()`` takes both as they are.
+The shard stream splits across the workers by rank exactly as across torchrun ranks.
+
+Shared filesystem: RUN_DIR (and local shard, VAE, text-encoder and pretrained paths) must be
+the same path on every node -- NFS, a mounted bucket, or one machine. Rank 0 writes
+``RUN_DIR/{config.yaml, metrics.jsonl, tb/, checkpoints/, last.ckpt}`` as under torchrun,
+and on ``--resume`` every rank reads ``RUN_DIR/last.ckpt``; so a run started under torchrun
+resumes under Ray and the other way round. Ray Train's own checkpoints are not used (ours
+hold the optimizer, EMA, RNG and data position); its run state goes to ``RUN_DIR/ray/``.
+Workers need hdvg installed (the docker image), as the curation workers do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hdvg.t2v.config import ConfigError, T2VConfig, from_dict
+
+log = logging.getLogger("hdvg.t2v.ray_train")
+
+
+def _absolute(spec: str) -> str:
+    """Workers may start in another directory: make local paths absolute (URLs unchanged)."""
+    return spec if "://" in spec else os.path.abspath(spec)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: one DDP rank of :func:`hdvg.t2v.train.main`."""
+    import torch
+
+    from hdvg.t2v.train import main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if torch.cuda.is_available():  # the GPU Ray Train assigned to this worker
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    cfg = from_dict(T2VConfig, config["cfg"])
+    rc = main(cfg, config["shards"], config["output"], config["steps"], config["resume"])
+    if rc != 0:
+        raise RuntimeError(f"training exited with status {rc}")
+
+
+def launch(
+    cfg: T2VConfig,
+    shards: str | list[str],
+    output: str | Path,
+    steps: int | None = None,
+    resume: bool = False,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
+) -> int:
+    """Run :func:`train_loop` on ``workers`` Ray Train workers; 0 when training finished.
+
+    Defaults: one worker per GPU of the cluster (one worker without GPUs), one GPU per worker
+    when the cluster has GPUs, and ``1 + data.num_workers`` CPUs per worker (the rank and its
+    DataLoader processes).
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hdvg.t2v.data import expand_shards
+
+    specs = [shards] if isinstance(shards, str) else list(shards)
+    specs = [_absolute(s) for s in specs]
+    expand_shards(specs)  # a wrong spec fails here, in one line, not in every worker
+    run_dir = Path(output).absolute()
+    if not ray.is_initialized():
+        # address None: RAY_ADDRESS if set (ray job submit, KubeRay), else a local Ray
+        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster_gpus else 0.0
+    if gpus_per_worker > 0 and not cluster_gpus:
+        raise ConfigError("--ray-gpus-per-worker > 0 but the Ray cluster has no GPUs")
+    if workers is None:
+        workers = max(1, int(cluster_gpus // gpus_per_worker)) if gpus_per_worker else 1
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 + cfg.data.num_workers
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    log.info(
+        "Ray Train: %d workers, %s each, run dir %s (shared by every node)",
+        workers,
+        resources,
+        run_dir,
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "shards": specs[0] if len(specs) == 1 else specs,
+            "output": str(run_dir),
+            "steps": steps,
+            "resume": resume,
+        },
+        torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        # a failed run is rerun by the user with --resume (from RUN_DIR/last.ckpt)
+        run_config=RunConfig(
+            name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=0)
+        ),
+    )
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        log.error("Ray Train run failed: %s", e)
+        return 1
+    return 0
