@@ -166,6 +166,8 @@ class Clip:
     size_bytes: int | None = None
     sha256: str | None = None
     data: bytes | None = field(default=None, repr=False)  # the mp4, once cut
+    # more members of the clip's sample, written as `{key}.{name}` (e.g. "latents.npy")
+    extras: dict[str, bytes] = field(default_factory=dict, repr=False)
     samples: list[FrameSample] = field(default_factory=list, repr=False)
     frames: Any = field(default=None, repr=False)  # hdvg.frames.Frames, frame pool → actor only
 
@@ -184,6 +186,7 @@ class Clip:
         self.status, self.reason, self.error = "failed", reason, error[:500]
         self.reasons.append(reason)
         self.data = None
+        self.extras = {}
 
 
 @dataclass

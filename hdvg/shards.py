@@ -1,9 +1,10 @@
 """Deterministic WebDataset tar shards, written to a temporary name and renamed when complete.
 
-Members are sorted within a sample ({key}.json, {key}.mp4, {key}.txt), samples are added
-in key order, and every header has a fixed mtime, uid/gid and mode, so the same clips give
-the same bytes. `{key}.json` holds the clip's manifest row, including the byte offset of
-the mp4's data in this tar (computed before writing, see `_member_layout`).
+Members are sorted within a sample ({key}.json, {key}.mp4, {key}.txt, and the extras a
+stage added, such as {key}.latents.npy), samples are added in key order, and every header
+has a fixed mtime, uid/gid and mode, so the same clips give the same bytes. `{key}.json`
+holds the clip's manifest row, including the byte offset of the mp4's data in this tar
+(computed before writing, see `ShardWriter.add`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
 
 BLOCK = 512
+CORE = ("json", "mp4", "txt")  # every sample's members
+EXTRA_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*")  # e.g. "latents.npy"
 
 
 def _padded(n: int) -> int:
@@ -47,25 +51,51 @@ class ShardWriter:
         ti.uname = ti.gname = ""
         return ti
 
-    def add(self, key: str, mp4: bytes, caption: str, row: dict[str, Any]) -> dict[str, Any]:
-        """Append one sample; returns the row completed with shard, tar_offset, size_bytes."""
+    def add(
+        self,
+        key: str,
+        mp4: bytes,
+        caption: str,
+        row: dict[str, Any],
+        extras: dict[str, bytes] | None = None,
+    ) -> dict[str, Any]:
+        """Append one sample; returns the row completed with shard, tar_offset, size_bytes.
+
+        ``extras`` (name -> bytes) become more members ``{key}.{name}``, listed in the row's
+        ``extras`` so that ``hdvg manifest verify`` knows them.
+        """
         if "." in key:
             raise ValueError(f"WebDataset keys must not contain dots: {key!r}")
+        extras = extras or {}
+        for name in extras:
+            if name in CORE or not EXTRA_NAME.fullmatch(name):
+                raise ValueError(f"bad extra member name {name!r} for {key}")
         pos = self._tar.offset
         row = dict(row, shard=self.name, size_bytes=len(mp4))
-        # {key}.json precedes {key}.mp4 and must hold the mp4's data offset: iterate to the
-        # fixed point (the offset's digit count can change the json's padded size).
+        row.pop("extras", None)
+        if extras:
+            row["extras"] = sorted(extras)
+        txt = (caption or "").encode()
+        members = dict(extras, mp4=mp4, txt=txt, json=b"")
+        names = sorted(members)  # members sorted within the sample
+        # {key}.json must hold the mp4's data offset, which depends on the json's own padded
+        # size when the json comes first: iterate to the fixed point (digit counts can move it)
         offset = pos + 3 * BLOCK
         for _ in range(5):
             row["tar_offset"] = offset
-            blob = json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
-            new = pos + BLOCK + _padded(len(blob)) + BLOCK
+            members["json"] = json.dumps(row, sort_keys=True, ensure_ascii=False).encode()
+            new = pos
+            for name in names:
+                new += BLOCK
+                if name == "mp4":
+                    break
+                new += _padded(len(members[name]))
             if new == offset:
                 break
             offset = new
-        txt = (caption or "").encode()
-        for name, data in ((f"{key}.json", blob), (f"{key}.mp4", mp4), (f"{key}.txt", txt)):
-            self._tar.addfile(self._info(name, len(data)), io.BytesIO(data))
+        for name in names:
+            data = members[name]
+            self._tar.addfile(self._info(f"{key}.{name}", len(data)), io.BytesIO(data))
         self.samples += 1
         self.bytes = self._tar.offset
         return row

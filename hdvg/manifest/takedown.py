@@ -95,14 +95,16 @@ def rewrite_shard(path: Path, drop: set[str], mtime: int) -> tuple[ShardWriter, 
             for key, group in _samples(tf):
                 if key in drop:
                     continue
-                if set(group) != {"json", "mp4", "txt"}:
+                if not {"json", "mp4", "txt"} <= set(group):
                     raise TakedownError(
                         f"{path.name}: sample {key} has members {sorted(group)}; run verify first"
                     )
                 row = json.loads(tf.extractfile(group["json"]).read())
                 mp4 = tf.extractfile(group["mp4"]).read()
                 caption = tf.extractfile(group["txt"]).read().decode()
-                offsets[key] = w.add(key, mp4, caption, row)["tar_offset"]
+                extras = {ext: tf.extractfile(ti).read() for ext, ti in group.items()
+                          if ext not in ("json", "mp4", "txt")}  # fmt: skip
+                offsets[key] = w.add(key, mp4, caption, row, extras)["tar_offset"]
             w.close()
         except BaseException:
             w.abort()

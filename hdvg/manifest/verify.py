@@ -2,10 +2,11 @@
 
 Checks, per accepted row: its shard exists, holds `{key}.mp4` whose data starts at the
 row's `tar_offset` and is `size_bytes` long, the bytes there hash to `sha256`, and the
-sample's `{key}.json` / `{key}.txt` are present and agree. Per shard: every member belongs
-to an accepted row of that shard, and the tar is complete (every member's data inside the
-file, and the end-of-archive blocks after the last one). Tar headers are parsed, never
-extracted.
+sample's `{key}.json` / `{key}.txt` are present and agree; the extra members a stage added
+(`{key}.latents.npy`, ...) are exactly those its `{key}.json` lists under `extras`. Per
+shard: every member belongs to an accepted row of that shard, and the tar is complete (every
+member's data inside the file, and the end-of-archive blocks after the last one). Tar
+headers are parsed, never extracted.
 """
 
 from __future__ import annotations
@@ -120,14 +121,16 @@ def _read_member(f: Any, m: Member) -> bytes:
 
 
 def _check_row(f: Any, name: str, row: dict[str, Any], members: dict[str, Member],
-               rep: VerifyReport) -> None:  # fmt: skip
+               rep: VerifyReport) -> set[str]:  # fmt: skip
+    """Problems of one accepted row; returns the extra members its `{key}.json` declares."""
     key = row["clip_id"]
+    declared: set[str] = set()
     mp4 = members.get(f"{key}.mp4")
     for ext in EXTS:
         if f"{key}.{ext}" not in members:
             rep.problems.append(Problem("missing", name, key, f"no member {key}.{ext} in shard"))
     if mp4 is None:
-        return
+        return declared
     if mp4.offset_data != row["tar_offset"]:
         rep.problems.append(Problem(
             "corrupt", name, key,
@@ -138,7 +141,7 @@ def _check_row(f: Any, name: str, row: dict[str, Any], members: dict[str, Member
             "corrupt", name, key, f"mp4 is {mp4.size} bytes, manifest says {row['size_bytes']}"
         ))  # fmt: skip
     if row["tar_offset"] is None or row["size_bytes"] is None:
-        return
+        return declared
     digest, got = _sha256_at(f, row["tar_offset"], row["size_bytes"])
     rep.bytes_hashed += got
     if got < row["size_bytes"]:
@@ -155,17 +158,22 @@ def _check_row(f: Any, name: str, row: dict[str, Any], members: dict[str, Member
         try:
             meta = json.loads(_read_member(f, js))
             bad = [k for k in ("clip_id", "tar_offset", "sha256") if meta.get(k) != row[k]]
+            declared = set(meta.get("extras") or ())
         except ValueError:
             bad = ["not JSON"]
         if bad:
             rep.problems.append(Problem(
                 "corrupt", name, key, f"{key}.json disagrees with the manifest on {bad}"
             ))  # fmt: skip
+        for ext in sorted(declared):
+            if f"{key}.{ext}" not in members:
+                rep.problems.append(Problem("missing", name, key, f"no member {key}.{ext}"))
     txt = members.get(f"{key}.txt")
     if txt is not None:
         caption = _read_member(f, txt).decode("utf-8", "replace")
         if caption != (row["caption"] or ""):
             rep.problems.append(Problem("corrupt", name, key, f"{key}.txt differs from caption"))
+    return declared
 
 
 def verify(out: str | Path | Out) -> VerifyReport:
@@ -195,16 +203,20 @@ def verify(out: str | Path | Out) -> VerifyReport:
             size = o.fs.size(path)
             members = scan_shard(f, size, name, rep.problems)
             rep.members += len(members)
-            expected = {r["clip_id"] for r in by_shard.get(name, [])}
+            declared = {}
+            for r in by_shard.get(name, []):
+                rep.rows_checked += 1
+                declared[r["clip_id"]] = _check_row(f, name, r, members, rep)
             for mname in sorted(members):
                 key, _, ext = mname.partition(".")
-                if key not in expected or ext not in EXTS:
+                if key not in declared:
                     rep.problems.append(Problem(
                         "extra", name, key, f"member {mname} has no accepted row in this shard"
                     ))  # fmt: skip
-            for r in by_shard.get(name, []):
-                rep.rows_checked += 1
-                _check_row(f, name, r, members, rep)
+                elif ext not in EXTS and ext not in declared[key]:
+                    rep.problems.append(Problem(
+                        "extra", name, key, f"member {mname} is not listed in {key}.json"
+                    ))  # fmt: skip
     return rep
 
 

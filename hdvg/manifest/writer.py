@@ -97,8 +97,9 @@ class Ledger:
                 t.column("source_id").to_pylist(), t.column("status").to_pylist(), strict=False
             ):
                 self.done_sources[sid] = st
-        # clips spooled for a shard that never committed: their sources are redone
-        for p in sorted((out / ".work" / "spool").glob("*.mp4")):
+        # clips (and their extras) spooled for a shard that never committed: their sources
+        # are redone
+        for p in sorted((out / ".work" / "spool").glob("*")):
             p.unlink()
         shard_dir = out / "shards"
         for p in sorted(shard_dir.glob("*.tmp")):
@@ -123,7 +124,8 @@ class DatasetWriter:
         self.ledger = ledger or Ledger(self.out)
         self.shard_index = self.ledger.next_shard
         self.part_index = self.ledger.next_part
-        self.pending: list[tuple[str, Path, str, dict[str, Any]]] = []
+        # (key, spooled mp4, caption, row, spooled extras by member name)
+        self.pending: list[tuple[str, Path, str, dict[str, Any], dict[str, Path]]] = []
         self.pending_bytes = 0
         self.clip_rows: list[dict[str, Any]] = []
         self.source_rows: list[dict[str, Any]] = []
@@ -135,7 +137,7 @@ class DatasetWriter:
     def add(self, result: SourceResult) -> None:
         accepted = [c for c in result.clips if c.alive and c.data]
         if accepted:
-            size = sum(len(c.data) for c in accepted)
+            size = sum(len(c.data) + sum(map(len, c.extras.values())) for c in accepted)
             if self.pending and (
                 len(self.pending) + len(accepted) > self.max_samples
                 or self.pending_bytes + size > self.max_bytes
@@ -151,11 +153,16 @@ class DatasetWriter:
                 path = spool / f"{clip.clip_id}.mp4"
                 path.write_bytes(clip.data)
                 self.pending_bytes += len(clip.data)
-                clip.data = None
+                extras = {}
+                for name, blob in sorted(clip.extras.items()):
+                    extras[name] = spool / f"{clip.clip_id}.{name}"
+                    extras[name].write_bytes(blob)
+                    self.pending_bytes += len(blob)
+                clip.data, clip.extras = None, {}
                 self.pending.append((clip.clip_id, path, clip.caption or "",
-                                     clip_row(clip, self.meta, self.score_columns)))  # fmt: skip
+                                     clip_row(clip, self.meta, self.score_columns), extras))  # fmt: skip
             else:
-                clip.data = None
+                clip.data, clip.extras = None, {}
                 self.clip_rows.append(clip_row(clip, self.meta, self.score_columns))
         self.source_rows.append(source_row(result.source, self.meta))
         if not self.pending and len(self.source_rows) >= FLUSH_EVERY:
@@ -169,8 +176,9 @@ class DatasetWriter:
         if self.pending:
             shard = ShardWriter(self.out / "shards", self.shard_index, self.mtime)
             self.shard_index += 1
-            for key, path, caption, row in sorted(self.pending, key=lambda p: p[0]):
-                self.clip_rows.append(shard.add(key, path.read_bytes(), caption, row))
+            for key, path, caption, row, extras in sorted(self.pending, key=lambda p: p[0]):
+                blobs = {name: p.read_bytes() for name, p in extras.items()}
+                self.clip_rows.append(shard.add(key, path.read_bytes(), caption, row, blobs))
             shard.close()
         part = f"part-{self.part_index:06d}.parquet"
         self.part_index += 1
@@ -186,8 +194,9 @@ class DatasetWriter:
             self.shards_written.append(shard.name)
         os.replace(clips_tmp, clips_tmp.with_suffix(""))
         os.replace(sources_tmp, sources_tmp.with_suffix(""))
-        for _, path, _, _ in self.pending:
-            path.unlink(missing_ok=True)
+        for _, path, _, _, extras in self.pending:
+            for p in (path, *extras.values()):
+                p.unlink(missing_ok=True)
         self.clip_rows, self.source_rows, self.pending, self.pending_bytes = [], [], [], 0
 
     def close(self) -> None:

@@ -14,7 +14,9 @@
   fast-forwards by re-reading (not decoding) that many raw samples;
 - decodes only the frames it needs (PyAV, in-process), at a target fps or a frame stride,
   resized so the clip covers the training size and center-cropped; clips too short for the
-  requested frames are skipped and counted (``skipped_too_short``), as are undecodable ones.
+  requested frames are skipped and counted (``skipped_too_short``), as are undecodable ones;
+- with ``data.use_latents``, reads ``{key}.latents.npy`` (written by the ``latents`` curation
+  stage) instead of decoding the mp4.
 
 Samples leave the worker as uint8 ``(3, F, H, W)`` -- 4x smaller than float over the worker
 pipes; the trainer normalizes on the GPU.
@@ -121,7 +123,10 @@ def frame_indices(
 
 
 def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | None = None) -> Clip:
-    """Decode the frames of one clip at the training size (resize to cover, center crop)."""
+    """Decode the frames of one clip at the training size (resize to cover, center crop).
+
+    The ``latents`` curation stage (``hdvg/stages/models/latents.py``) decodes with this too,
+    so that stored latents come from exactly the frames the trainer would take."""
     import av
 
     out_h, out_w = cfg.size

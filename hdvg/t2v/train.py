@@ -88,6 +88,17 @@ def frozen_state(cfg: T2VConfig, text_encoder, vae) -> dict[str, Any]:
     return out
 
 
+def check_latents(shape: tuple[int, ...], cfg: T2VConfig, vae: VideoVAE) -> None:
+    """Stored latents (the ``latents`` curation stage) must match this run's frames and size."""
+    h, w = cfg.data.size
+    want = (vae.latent_channels, cfg.data.frames, h // vae.downsample, w // vae.downsample)
+    if tuple(shape[1:]) != want:
+        raise ConfigError(
+            f"shard latents have shape {tuple(shape[1:])}, this config needs {want} (c, F, h, w):"
+            " curate them with the same frames/size and VAE, or set data.use_latents: false"
+        )
+
+
 def resolved_config(ckpt: dict[str, Any]) -> T2VConfig:
     return from_dict(T2VConfig, ckpt["config"])
 
@@ -347,6 +358,7 @@ def main(
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"].to(device).float()  # (B, c, F, h, w)
+                check_latents(latents.shape, cfg, vae)
             else:
                 video = to_model_range(batch["video"].to(device, non_blocking=True))  # (B,3,F,H,W)
                 with autocast(device, tc.precision):

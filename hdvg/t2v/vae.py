@@ -37,14 +37,17 @@ class VideoVAE(nn.Module):
         self.eval()
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, 3, F, H, W)`` in [-1, 1] -> scaled latents ``(B, c, F, H/s, W/s)``."""
+    def encode(
+        self, video: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """``(B, 3, F, H, W)`` in [-1, 1] -> scaled latents ``(B, c, F, H/s, W/s)``: a draw from
+        the posterior (training), or its mean with ``sample=False`` (stored latents)."""
         b = video.shape[0]
         frames = rearrange(video, "b c f h w -> (b f) c h w")
         outs = []
         for part in frames.split(self.chunk):
             dist = self.vae.encode(part.to(self.vae.dtype)).latent_dist
-            outs.append(dist.sample(generator))
+            outs.append(dist.sample(generator) if sample else dist.mode())
         lat = torch.cat(outs) * self.scaling_factor  # (BF, c, h, w)
         return rearrange(lat, "(b f) c h w -> b c f h w", b=b).float()
 

@@ -4,13 +4,14 @@ weights resolve through `hdvg.models`; frames come from `hdvg.frames` (one decod
 from .aesthetic import AestheticFilter
 from .caption import CaptionStage
 from .clip_score import ClipScoreFilter
+from .latents import LatentsStage
 from .motion import MotionFilter
 from .overlay import ScanOverlayFilter, StaticOverlayFilter
 from .text_area import TextAreaFilter
 from .watermark import WatermarkFilter
 
 STAGES = (ScanOverlayFilter, StaticOverlayFilter, MotionFilter, TextAreaFilter, WatermarkFilter, AestheticFilter,
-          CaptionStage, ClipScoreFilter)  # fmt: skip
+          CaptionStage, ClipScoreFilter, LatentsStage)  # fmt: skip
 
-__all__ = ["STAGES", "AestheticFilter", "CaptionStage", "ClipScoreFilter", "MotionFilter",
+__all__ = ["STAGES", "AestheticFilter", "CaptionStage", "ClipScoreFilter", "LatentsStage", "MotionFilter",
            "ScanOverlayFilter", "StaticOverlayFilter", "TextAreaFilter", "WatermarkFilter"]  # fmt: skip
