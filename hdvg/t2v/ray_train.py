@@ -79,8 +79,9 @@ def launch(
     expand_shards(specs)  # a wrong spec fails here, in one line, not in every worker
     run_dir = Path(output).absolute()
     if not ray.is_initialized():
-        # address None: RAY_ADDRESS if set (ray job submit, KubeRay), else a local Ray
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+        # address None: RAY_ADDRESS if set (ray job submit, KubeRay), else a local Ray. Its
+        # dashboard stays on: it serves the state API Ray Train's placement-group cleaner polls
+        ray.init(address=address, logging_level=logging.WARNING)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if cluster_gpus else 0.0
