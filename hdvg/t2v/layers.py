@@ -1,7 +1,23 @@
-"""Attention building blocks, with diffusers' parameter names so its checkpoints load as-is.
+"""Attention and normalization building blocks of the U-Net, written for GPU memory and kernels.
 
-All attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-memory-efficient kernels on GPU); tokens are laid out ``(batch, heads, tokens, head_dim)``.
+Parameter names follow diffusers, so its checkpoints load (``to_q``/``to_k``/``to_v`` are fused
+on load, see :class:`Attention`). What differs from a plain ``nn.Module`` stack, and why
+(measured by ``benchmarks/t2v_memory.py``: bytes autograd keeps for backward per sample):
+
+- **Norms keep their bf16 input only.** CUDA autocast runs group/layer norm in fp32: autograd
+  then keeps an fp32 copy of the norm's input (2x a bf16 tensor), the fp32 output (for a
+  following SiLU) and, for every matmul after it, a separate bf16 cast of that output.
+  :class:`_Norm` computes the same fp32 numbers and returns them in bf16 (where the next
+  matmul would have cast them), keeping just the bf16 input and the statistics; a SiLU
+  after a group norm is folded in and the norm recomputed in backward (one memory-bound
+  kernel). Outside autocast they are the plain ops, bit for bit.
+- **GEGLU + output projection keep one tensor.** ``h * gelu(gate)`` and the ``Linear`` after
+  it would keep the projection, ``gelu(gate)`` and the product; :class:`_GegluLinear` keeps
+  the projection only and recomputes the rest in backward.
+- **Fused projections.** Self-attention runs one ``to_qkv`` matmul (one kept input, one
+  kernel, instead of three of each); cross-attention one ``to_kv`` on the context.
+- **No masks, head dim 64, last dim contiguous**, so SDPA takes the flash kernel on a GPU;
+  ``q``/``k``/``v`` are strided views of the fused projection, which flash accepts as is.
 """
 
 from __future__ import annotations
@@ -11,26 +27,157 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+aten = torch.ops.aten
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls around ``x`` run in: autocast's, else ``x``'s own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _Norm(torch.autograd.Function):
+    """Group or layer norm (optionally + SiLU) that keeps only its input and the statistics.
+
+    Under CUDA autocast it computes in fp32 and returns the autocast dtype -- the numbers
+    autocast's fp32 norm produces once the next matmul casts them -- but keeps the bf16
+    input, not an fp32 copy, and nothing of its output (the consumer keeps that; with SiLU
+    the norm is recomputed in backward). Under CPU autocast (which runs norms in the input's
+    dtype) and outside autocast it computes what the plain op computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: tuple, silu: bool, nd: torch.dtype, out_dtype):
+        y, mean, rstd = _norm_fwd(x.to(nd), _up(weight, nd), _up(bias, nd), spec)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.spec, ctx.silu, ctx.nd = spec, silu, nd
+        return (F.silu(y) if silu else y).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        nd, spec = ctx.nd, ctx.spec
+        xn, wn, bn, gy = x.to(nd), _up(weight, nd), _up(bias, nd), grad.to(nd)
+        if ctx.silu:  # recompute the norm's output instead of having kept it
+            gy = aten.silu_backward(gy, _norm_fwd(xn, wn, bn, spec)[0])
+        mask = list(ctx.needs_input_grad[:3])
+        if spec[0] == "group":
+            _, n, c, hw, groups, _ = spec
+            gx, gw, gb = aten.native_group_norm_backward(
+                gy, xn, mean, rstd, wn, n, c, hw, groups, mask
+            )
+        else:
+            gx, gw, gb = aten.native_layer_norm_backward(gy, xn, spec[1], mean, rstd, wn, bn, mask)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(gx, x), cast(gw, weight), cast(gb, bias), None, None, None, None
+
+
+def _up(p: torch.Tensor, nd: torch.dtype) -> torch.Tensor:
+    """Norm weights go up to fp32 with the input; else they stay (CPU kernels take mixed)."""
+    return p.to(nd) if nd == torch.float32 else p
+
+
+def _norm_fwd(x, weight, bias, spec):
+    if spec[0] == "group":
+        _, n, c, hw, groups, eps = spec
+        return aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+    return aten.native_layer_norm(x, spec[1], weight, bias, spec[2])
+
+
+def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool) -> torch.Tensor:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # as autocast: CUDA's runs norms in fp32, the CPU's not
+        nd = x.dtype if dev == "cpu" else torch.float32
+        out_dtype = torch.get_autocast_dtype(dev)
+    else:
+        nd = out_dtype = x.dtype
+    with torch.autocast(dev, enabled=False):
+        return _Norm.apply(x, weight, bias, spec, silu, nd, out_dtype)
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """``norm(x)`` (then SiLU if asked), keeping one tensor for backward: see :class:`_Norm`."""
+    n, c = x.shape[:2]
+    spec = ("group", n, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+    return _apply_norm(x, norm.weight, norm.bias, spec, silu)
+
+
+def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return group_norm(norm, x, silu=True)
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` keeping only its input for backward: see :class:`_Norm`."""
+    spec = ("layer", list(norm.normalized_shape), norm.eps)
+    return _apply_norm(x, norm.weight, norm.bias, spec, False)
+
 
 class Attention(nn.Module):
-    """Multi-head attention; ``context=None`` is self-attention. Names as diffusers' ``Attention``."""
+    """Multi-head attention through SDPA; ``cross=False`` is self-attention.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+    Self-attention holds one fused ``to_qkv`` projection, cross-attention ``to_q`` and a fused
+    ``to_kv``; a diffusers / ModelScope state dict with separate ``to_q``/``to_k``/``to_v``
+    is fused on load (:meth:`_fuse_on_load`), so checkpoints of either layout load.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, cross=None
+    ):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.cross = context_dim is not None if cross is None else cross
+        if self.cross:
+            self.to_q = nn.Linear(dim, inner, bias=False)
+            self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        self.register_load_state_dict_pre_hook(self._fuse_on_load)
+
+    @staticmethod
+    def _fuse_on_load(module, state_dict, prefix, *_):
+        names = ["to_k", "to_v"] if module.cross else ["to_q", "to_k", "to_v"]
+        keys = [f"{prefix}{n}.weight" for n in names]
+        if all(k in state_dict for k in keys):
+            fused = "to_kv" if module.cross else "to_qkv"
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, h, N, d)
-        k = rearrange(self.to_k(ctx), "b m (h d) -> b h m d", h=self.heads)  # (B, h, M, d)
-        v = rearrange(self.to_v(ctx), "b m (h d) -> b h m d", h=self.heads)  # (B, h, M, d)
+        h = self.heads
+        if self.cross:
+            ctx = x if context is None else context
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=h)  # (B, h, N, d)
+            k, v = rearrange(self.to_kv(ctx), "b m (two h d) -> two b h m d", two=2, h=h)
+        else:  # strided views of one (B, N, 3C) matmul output; last dim contiguous
+            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # (B, N, C)
+
+
+class _GegluLinear(torch.autograd.Function):
+    """``linear(h * gelu(gate), w, b)`` for ``h, gate = a.chunk(2, -1)``, keeping only ``a``."""
+
+    @staticmethod
+    def forward(ctx, a, weight, bias):
+        hid, gate = a.chunk(2, dim=-1)
+        ctx.save_for_backward(a, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(hid * F.gelu(gate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, weight = ctx.saved_tensors
+        hid, gate = a.chunk(2, dim=-1)
+        gelu = F.gelu(gate)  # recomputed: (..., I)
+        g2 = grad.reshape(-1, grad.shape[-1])  # (T, C)
+        gw = g2.t().mm((hid * gelu).reshape(-1, hid.shape[-1])) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gy = grad.matmul(weight)  # (..., I)
+        ga = torch.empty_like(a)
+        torch.mul(gy, gelu, out=ga[..., : hid.shape[-1]])
+        aten.gelu_backward.grad_input(gy * hid, gate, grad_input=ga[..., hid.shape[-1] :])
+        return ga, gw, gb
 
 
 class GEGLU(nn.Module):
@@ -44,6 +191,8 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GEGLU feed-forward (diffusers ``FeedForward``); see :class:`_GegluLinear` for memory."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.ModuleList(
@@ -51,9 +200,11 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        a = self.net[0].proj(x)  # (B, N, 2I)
+        out = self.net[2]
+        dt = a.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return _GegluLinear.apply(a, out.weight.to(dt), out.bias.to(dt))  # (B, N, C)
 
 
 class TransformerBlock(nn.Module):
@@ -73,9 +224,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, C)
-        x = x + self.attn2(self.norm2(x), context)  # (B, N, C)
-        return x + self.ff(self.norm3(x))  # (B, N, C)
+        x = x + self.attn1(layer_norm(self.norm1, x))  # (B, N, C)
+        x = x + self.attn2(layer_norm(self.norm2, x), context)  # (B, N, C)
+        return x + self.ff(layer_norm(self.norm3, x))  # (B, N, C)
 
 
 class SpatialTransformer(nn.Module):
@@ -94,7 +245,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape  # (BF, C, H, W)
-        t = rearrange(self.norm(x), "n c h w -> n (h w) c")  # (BF, HW, C)
+        t = rearrange(group_norm(self.norm, x), "n c h w -> n (h w) c")  # (BF, HW, C)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
             t = block(t, context)  # context: (BF, L, D)
@@ -105,7 +256,9 @@ class SpatialTransformer(nn.Module):
 class TemporalTransformer(nn.Module):
     """Self-attention along frames at every pixel (diffusers ``TransformerTemporalModel``).
 
-    The group norm spans (frames, h, w) of each video, as in diffusers.
+    The group norm spans (frames, h, w) of each video, as in diffusers. Tokens are laid out
+    ``(B*H*W, F, C)`` by one permute-copy (the ``proj_in`` matmul's input); SDPA then sees
+    ``(B*H*W, heads, F, 64)``.
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
@@ -119,7 +272,7 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         _, _, h, w = x.shape  # (BF, C, H, W)
         v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
-        t = rearrange(self.norm(v), "b c f h w -> (b h w) f c")  # (BHW, F, C)
+        t = rearrange(group_norm(self.norm, v), "b c f h w -> (b h w) f c")  # (BHW, F, C)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
             t = block(t)

@@ -33,7 +33,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from hdvg.t2v.layers import Attention
+from hdvg.t2v.layers import Attention, layer_norm
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -97,7 +97,7 @@ class SwapAttention(nn.Module):
         self.window = tuple(window)
         self.norm_q = nn.LayerNorm(channels)
         self.norm_kv = nn.LayerNorm(channels)
-        self.attn = Attention(channels, channels // head_dim, head_dim)
+        self.attn = Attention(channels, channels // head_dim, head_dim, cross=True)
         # zero-init: a new block is the identity on the residual stream (ControlNet's trick)
         nn.init.zeros_(self.attn.to_out[0].weight)
         nn.init.zeros_(self.attn.to_out[0].bias)
@@ -110,5 +110,5 @@ class SwapAttention(nn.Module):
         win = effective_window(num_frames, h, w, self.window)
         q = window_partition(q_src, num_frames, win)  # (B*nW, T, C)
         kv = window_partition(kv_src, num_frames, win)  # (B*nW, T, C)
-        out = self.attn(self.norm_q(q), self.norm_kv(kv))  # (B*nW, T, C)
+        out = self.attn(layer_norm(self.norm_q, q), layer_norm(self.norm_kv, kv))  # (B*nW, T, C)
         return window_merge(out, num_frames, h, w, win)  # (BF, C, H, W)

@@ -14,6 +14,7 @@ the spatial attention see plain image batches; temporal layers unfold ``(b f)`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hdvg.t2v.config import UNetConfig
-from hdvg.t2v.layers import SpatialTransformer, TemporalTransformer
+from hdvg.t2v.layers import SpatialTransformer, TemporalTransformer, group_norm_silu
 from hdvg.t2v.swap import SwapAttention
 
 
@@ -48,16 +49,19 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (BF, Co, H, W)
+        h = self.conv1(group_norm_silu(self.norm1, x))  # (BF, Co, H, W)
         emb = self.time_emb_proj(F.silu(temb))  # (B, Co): once per video, not per frame
         h = h + emb.repeat_interleave(num_frames, dim=0)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))  # (BF, Co, H, W)
+        h = self.conv2(group_norm_silu(self.norm2, h))  # (BF, Co, H, W)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
 
 class TemporalConv(nn.Module):
-    """Four (3,1,1) convs along frames, last one zero-initialized (ModelScope ``TemporalConvBlock_v2``)."""
+    """Four (3,1,1) convs along frames, last one zero-initialized (ModelScope ``TemporalConvBlock_v2``).
+
+    Each norm + SiLU keeps one tensor for backward (``layers.group_norm_silu``).
+    """
 
     def __init__(self, channels: int, groups: int, dropout: float):
         super().__init__()
@@ -80,7 +84,12 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
-        h = self.conv4(self.conv3(self.conv2(self.conv1(v))))
+        h = v
+        for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = group_norm_silu(seq[0], h)  # seq = [norm, SiLU, (dropout,) conv]
+            if len(seq) == 4:
+                h = seq[2](h)
+            h = seq[-1](h)  # (B, C, F, H, W)
         return rearrange(v + h, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
 
 
@@ -148,39 +157,80 @@ class Level(nn.Module):
         )
         self.downsamplers: nn.ModuleList | None = None
         self.upsamplers: nn.ModuleList | None = None
-        self.gradient_checkpointing = cfg.gradient_checkpointing
+        # None, or a mode of CKPT_MODES: what one checkpoint spans (see set_gradient_checkpointing)
+        self.gradient_checkpointing = _ckpt_mode(cfg.gradient_checkpointing)
+        self.resolution = 0  # 0 = the highest-resolution level; set by SwapUNet
 
     @property
     def num_swaps(self) -> int:
         return len(self.attentions)
 
-    def attend(self, i: int, x: torch.Tensor, ctx: torch.Tensor, num_frames: int) -> torch.Tensor:
-        s = self.attentions[i](x, ctx)  # spatial self + text cross: (BF, C, H, W)
-        t = self.temp_attentions[i](s, num_frames)  # temporal self: (BF, C, H, W)
-        if len(self.swaps):
-            t = t + self.swaps[i](s, t, num_frames)  # swap cross-attention in 3D windows
-        return t
+    def attend(
+        self, i: int, x: torch.Tensor, ctx: torch.Tensor, num_frames: int, each: bool = False
+    ) -> torch.Tensor:
+        s = _maybe_ckpt(each, self.attentions[i], x, ctx)  # spatial self + text cross
+        t = _maybe_ckpt(each, self.temp_attentions[i], s, num_frames)  # temporal self
+        if len(self.swaps):  # swap cross-attention in 3D windows
+            t = t + _maybe_ckpt(each, self.swaps[i], s, t, num_frames)
+        return t  # (BF, C, H, W)
 
     def layer(
-        self, i: int, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor, num_frames: int
+        self,
+        i: int,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        ctx: torch.Tensor,
+        num_frames: int,
+        mode: str | None = None,
     ) -> torch.Tensor:
+        each = mode == "block"  # every res-block, temporal conv and attention block apart
+        attn = mode in ("block", "attention")
+
+        def convs(x: torch.Tensor) -> torch.Tensor:
+            x = _maybe_ckpt(each, self.resnets[i], x, temb, num_frames)
+            return _maybe_ckpt(each, self.temp_convs[i], x, num_frames)
+
+        def attend(j: int, x: torch.Tensor) -> torch.Tensor:
+            if attn and not each:  # the attention triple as one checkpoint
+                return checkpoint(self.attend, j, x, ctx, num_frames, use_reentrant=False)
+            return self.attend(j, x, ctx, num_frames, each)
+
         if self.mid:  # mid block: resnet0, then [attn, resnet] pairs (diffusers' order)
             if i > 0:
-                x = self.attend(i - 1, x, ctx, num_frames)
-            x = self.resnets[i](x, temb, num_frames)
-            return self.temp_convs[i](x, num_frames)
-        x = self.resnets[i](x, temb, num_frames)
-        x = self.temp_convs[i](x, num_frames)
+                x = attend(i - 1, x)
+            return convs(x)
+        x = convs(x)
         if len(self.attentions):
-            x = self.attend(i, x, ctx, num_frames)
+            x = attend(i, x)
         return x
 
     def run_layer(
         self, i: int, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor, num_frames: int
     ) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        mode = self.gradient_checkpointing
+        if not (mode and self.training and torch.is_grad_enabled()):
+            return self.layer(i, x, temb, ctx, num_frames)
+        if mode == "layer":
             return checkpoint(self.layer, i, x, temb, ctx, num_frames, use_reentrant=False)
-        return self.layer(i, x, temb, ctx, num_frames)
+        return self.layer(i, x, temb, ctx, num_frames, mode)
+
+
+CKPT_MODES = ("layer", "attention", "block")
+
+
+def _ckpt_mode(value: bool | str | None) -> str | None:
+    """``True`` -> ``"layer"``; ``False``/``None``/``"none"`` -> ``None``; else a mode name."""
+    if value is True:
+        return "layer"
+    if not value or value == "none":
+        return None
+    if value not in CKPT_MODES:
+        raise ValueError(f"gradient checkpointing mode must be one of {CKPT_MODES}, got {value!r}")
+    return value
+
+
+def _maybe_ckpt(on: bool, fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False) if on else fn(*args)
 
 
 class SwapUNet(nn.Module):
@@ -206,6 +256,7 @@ class SwapUNet(nn.Module):
         for level, (c, attn) in enumerate(zip(widths, cfg.attention_levels, strict=True)):
             ins = [cin] + [c] * (cfg.layers_per_block - 1)
             block = Level(cfg, ins, c, temb_dim, attn, swap_index)
+            block.resolution = level
             swap_index += block.num_swaps
             skip_channels += [c] * cfg.layers_per_block
             if level < len(widths) - 1:
@@ -217,6 +268,7 @@ class SwapUNet(nn.Module):
         self.mid_block = Level(
             cfg, [widths[-1]] * 2, widths[-1], temb_dim, True, swap_index, mid=True
         )
+        self.mid_block.resolution = len(widths) - 1
         swap_index += self.mid_block.num_swaps
 
         self.up_blocks = nn.ModuleList()
@@ -227,6 +279,7 @@ class SwapUNet(nn.Module):
             skips = [skip_channels.pop() for _ in range(n)]
             ins = [(prev if j == 0 else c) + skips[j] for j in range(n)]
             block = Level(cfg, ins, c, temb_dim, attn, swap_index)
+            block.resolution = len(widths) - 1 - i
             swap_index += block.num_swaps
             if i < len(widths) - 1:
                 block.upsamplers = nn.ModuleList([Upsample(c)])
@@ -237,10 +290,28 @@ class SwapUNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
+    def set_gradient_checkpointing(
+        self, mode: bool | str | None, levels: Iterable[int] | None = None
+    ) -> None:
+        """Recompute activations in backward instead of keeping them, per ``mode``:
+
+        - ``"layer"`` (or ``True``): one checkpoint per layer [res-block, temporal conv,
+          spatial + temporal + swap attention]: keeps only layer inputs, recomputes everything;
+        - ``"attention"``: only each layer's attention triple, which holds most of the saved
+          bytes; res-blocks and temporal convs keep their activations (less recompute);
+        - ``"block"``: each res-block, temporal conv and attention block on its own: keeps the
+          inputs of every block (more than ``"layer"``) but recomputes one block at a time,
+          so backward's transient peak is a block's, not a layer's;
+        - ``False`` / ``None`` / ``"none"``: off.
+
+        ``levels``: only at these resolution levels (0 = the highest, where a layer's
+        activations are largest), e.g. ``[0]``; default all.
+        """
+        mode = _ckpt_mode(mode)
         for m in self.modules():
             if isinstance(m, Level):
-                m.gradient_checkpointing = enabled
+                on = levels is None or m.resolution in set(levels)
+                m.gradient_checkpointing = mode if on else None
 
     def swap_modules(self) -> list[SwapAttention]:
         return [m for m in self.modules() if isinstance(m, SwapAttention)]
@@ -280,5 +351,5 @@ class SwapUNet(nn.Module):
             if block.upsamplers is not None:
                 x = block.upsamplers[0](x, skips[-1].shape[-2:])  # (BF, Ci, 2Hi, 2Wi)
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))  # (BF, Cout, H, W)
+        x = self.conv_out(group_norm_silu(self.conv_norm_out, x))  # (BF, Cout, H, W)
         return rearrange(x, "(b f) c h w -> b c f h w", b=b)

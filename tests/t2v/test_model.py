@@ -265,15 +265,70 @@ def test_zero_init_swap_is_identity():
         assert not torch.allclose(with_swap(x, 500, text), without(x, 500, text))
 
 
-def test_gradient_checkpointing_same_grads():
+@pytest.mark.parametrize(
+    "mode,levels", [(True, None), ("attention", None), ("block", None), ("layer", [0])]
+)
+def test_gradient_checkpointing_same_grads(mode, levels):
     torch.manual_seed(0)
     model = SwapUNet(tiny_cfg(temporal_conv_dropout=0.0)).train()
+    for m in model.swap_modules():  # let gradients flow through the swap blocks too
+        torch.nn.init.normal_(m.attn.to_out[0].weight, std=0.1)
     x, text = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 3, 32)
     model(x, 10, text).square().mean().backward()
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.set_gradient_checkpointing(True)
-    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, Level))
+    model.set_gradient_checkpointing(mode, levels)
+    on = [
+        m.resolution for m in model.modules() if isinstance(m, Level) and m.gradient_checkpointing
+    ]
+    assert on and (levels is None or set(on) == set(levels))
     model(x, 10, text).square().mean().backward()
     for a, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a)
+    with pytest.raises(ValueError, match="checkpointing mode"):
+        model.set_gradient_checkpointing("everything")
+
+
+def test_memory_lean_layers_match_plain_ops():
+    """The custom-backward norm and GEGLU layers: same values and gradients as the plain ops
+    (float64 gradcheck), and under bf16 autocast the same numbers as autocast's own path."""
+    import torch.nn.functional as F
+
+    from hdvg.t2v.layers import _GegluLinear, group_norm, group_norm_silu, layer_norm
+
+    torch.manual_seed(0)
+    gn, ln = torch.nn.GroupNorm(4, 16).double(), torch.nn.LayerNorm(7).double()
+    for p in [*gn.parameters(), *ln.parameters()]:
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 16, 3, 7, dtype=torch.float64, requires_grad=True)
+    for fn, norm in [(group_norm_silu, gn), (group_norm, gn), (layer_norm, ln)]:
+        f = lambda x, *_, fn=fn, norm=norm: fn(norm, x)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, *norm.parameters()))
+    a = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GegluLinear.apply, (a, w, torch.randn(4, dtype=w.dtype)))
+    gn, ln, xb = gn.float(), ln.float(), x.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(group_norm_silu(gn, xb), F.silu(gn(xb)))
+        assert torch.equal(layer_norm(ln, xb), ln(xb))
+
+
+def test_separate_qkv_weights_fuse_on_load():
+    """Checkpoints with diffusers' separate to_q/to_k/to_v load into the fused projections."""
+    model = SwapUNet(tiny_cfg())
+    sd = model.state_dict()
+    split = {}
+    for k, v in sd.items():
+        if k.endswith("to_qkv.weight"):
+            for name, part in zip(("to_q", "to_k", "to_v"), v.chunk(3), strict=True):
+                split[k.replace("to_qkv", name)] = part.clone()
+        elif k.endswith("to_kv.weight"):
+            for name, part in zip(("to_k", "to_v"), v.chunk(2), strict=True):
+                split[k.replace("to_kv", name)] = part.clone()
+        else:
+            split[k] = v
+    other = SwapUNet(tiny_cfg())
+    other.load_state_dict(split, strict=True)
+    assert all(
+        torch.equal(a, b) for a, b in zip(sd.values(), other.state_dict().values(), strict=True)
+    )
