@@ -1,6 +1,8 @@
 """t2v benchmarks: U-Net training step (time, samples/s, MFU, peak memory) and loader throughput.
 
-    python benchmarks/bench_t2v.py model  --batch 2 8 [--compile] [--baseline] --json OUT.json
+    python benchmarks/bench_t2v.py model  [--batch 4 8 12 16] [--ckpt [layer|attention|block]]
+        [--compile [--compile-timeout 120]] [--channels-last] [--baseline [--baseline-batch 8]]
+        [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
 
 ``model``: the swap-attention U-Net at the paper-like size (16 frames, 256x256 -> latent
@@ -8,7 +10,9 @@
 iteration. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real
 forward+backward (matmuls, convs and SDPA; no recompute); MFU = FLOPs / step time / the
 chip's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). ``--baseline`` also times diffusers'
-``UNet3DConditionModel`` at the same widths. On a CPU it runs the tiny preset (a smoke run).
+``UNet3DConditionModel`` at the same widths. A batch sweep stops at the first out-of-memory
+batch. ``--compile``: the first (compiling) step is timed apart as ``compile_s`` and given up
+after ``--compile-timeout`` s. On a CPU it runs the tiny preset (a smoke run).
 
 ``loader``: hdvg-format shards of 640x360 H.264 clips; clips/s on one core for a plain PyAV
 decode of every frame against ``ShardClips`` (16 frames at 8 fps, 256x256 crop), and the
@@ -18,9 +22,11 @@ loader with 2 DataLoader workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import platform
+import signal
 import subprocess
 import sys
 import tarfile
@@ -47,56 +53,52 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def bench_model(args) -> list[dict]:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from hdvg.t2v.config import UNET_PRESETS, UNetConfig, from_dict
-    from hdvg.t2v.unet import SwapUNet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = "base" if device.type == "cuda" else "tiny"
-    cfg = from_dict(UNetConfig, {**UNET_PRESETS[preset], "gradient_checkpointing": args.ckpt})
-    frames, lat = (16, 32) if preset == "base" else (4, 8)
+    preset = args.preset or ("base" if device.type == "cuda" else "tiny")
+    cfg = from_dict(UNetConfig, UNET_PRESETS[preset])
+    frames, lat = (
+        args.frames or (16 if preset == "base" else 4),
+        args.latent or (32 if preset == "base" else 8),
+    )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 
-    def make(kind: str):
-        if kind == "hdvg":
-            m = SwapUNet(cfg)
-        else:
-            from diffusers import UNet3DConditionModel
-
-            m = UNet3DConditionModel(
-                block_out_channels=cfg.block_out_channels,
-                attention_head_dim=cfg.head_dim,
-                cross_attention_dim=cfg.cross_attention_dim,
-                norm_num_groups=cfg.norm_num_groups,
-            )
-        return m.to(device).train()
-
     results = []
-    kinds = ["hdvg"] + (["diffusers"] if args.baseline and device.type == "cuda" else [])
-    for kind in kinds:
-        model = make(kind)
+    runs = [("hdvg", args.batch)]
+    if args.baseline:
+        runs.append(("diffusers", args.baseline_batch))
+    for kind, batches in runs:
+        model = make_model(kind, cfg, device, args)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        fwd = model
-        if args.compile and kind == "hdvg":
-            fwd = torch.compile(model)
-        for b in args.batch if kind == "hdvg" else args.batch[:1]:
-            x = torch.randn(b, 4, frames, lat, lat, device=device)
-            t = torch.randint(0, 1000, (b,), device=device)
-            text = torch.randn(b, 77, cfg.cross_attention_dim, device=device)
+        compiled = bool(args.compile and kind == "hdvg")
+        fwd = torch.compile(model, backend=args.compile_backend) if compiled else model
+        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)
+        for b in batches:
+            row = {"model": kind, "params": params, "batch": b, "frames": frames}
+            row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
+            row |= {"grad_checkpointing": args.ckpt if kind == "hdvg" else None}  # hdvg only
+            row |= {"ckpt_levels": args.ckpt_levels if kind == "hdvg" else None}
+            x, t, text = make_inputs(b, cfg, frames, lat, device, args)
 
             def step(fwd=fwd, opt=opt, x=x, t=t, text=text):
                 train_step(fwd, opt, x, t, text, device)
 
             try:
+                if compiled:  # the first step compiles: time it apart, under a guard
+                    t0 = time.perf_counter()
+                    with time_limit(args.compile_timeout):
+                        step()
+                        sync(device)
+                    row["compile_s"] = time.perf_counter() - t0
                 t_warm = time.perf_counter()
                 for _ in range(args.warmup):
                     step()
                 sync(device)
-                warm_s = time.perf_counter() - t_warm
+                row["warmup_s"] = time.perf_counter() - t_warm
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
@@ -105,38 +107,25 @@ def bench_model(args) -> list[dict]:
                 sync(device)
                 dt = (time.perf_counter() - t0) / args.steps
             except torch.OutOfMemoryError:
-                results.append({"model": kind, "batch": b, "error": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            # model FLOPs (no recomputation counted), on one sample: FLOPs are linear in the
-            # batch, and a batch-1 count cannot run out of memory where the timed loop did not
-            ckpt = getattr(model, "set_gradient_checkpointing", None)
-            if ckpt:
-                ckpt(False)
-            with FlopCounterMode(display=False) as fc:  # eager model: counts every op
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    out = model(x[:1], t[:1], text[:1])
-                    out = out if torch.is_tensor(out) else out.sample
-                out.float().square().mean().backward()
-            if ckpt:
-                ckpt(args.ckpt)
-            model.zero_grad(set_to_none=True)
-            flops = fc.get_total_flops() * b
+                row["error"] = "out of memory"
+            except Exception as e:  # inductor wraps the timeout in its own error
+                if "CompileTimeout" not in f"{type(e).__name__} {e}":
+                    raise
+                row["error"] = f"compile did not finish in {args.compile_timeout} s"
+            if "error" in row:
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                x = t = text = None
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break  # a larger batch would fail the same way: save the time
+            flops = flop_per_sample * b
             peak = peak_flops(device)
-            row = {
-                "model": kind,
-                "params": params,
-                "batch": b,
-                "frames": frames,
-                "latent": [lat, lat],
-                "compiled": bool(args.compile and kind == "hdvg"),
-                "grad_checkpointing": args.ckpt,
-                "step_s": dt,
-                "samples_s": b / dt,
-                "tflop_per_step": flops / 1e12,
+            row |= {"step_s": dt, "samples_s": b / dt, "tflop_per_step": flops / 1e12}
+            row |= {
                 "achieved_tflops": flops / dt / 1e12,
                 "mfu": flops / dt / peak if peak else None,
-                "warmup_s": warm_s,
             }
             if device.type == "cuda":
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -146,6 +135,84 @@ def bench_model(args) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def make_model(kind: str, cfg, device: torch.device, args) -> torch.nn.Module:
+    with torch.device(device):  # initialize on the device: seconds, not a minute, at 1.5B
+        if kind == "hdvg":
+            from hdvg.t2v.unet import SwapUNet
+
+            m = SwapUNet(cfg)
+            if args.ckpt:
+                m.set_gradient_checkpointing(args.ckpt, args.ckpt_levels)
+        else:
+            from diffusers import UNet3DConditionModel
+
+            down = ["CrossAttnDownBlock3D" if a else "DownBlock3D" for a in cfg.attention_levels]
+            up = [d.replace("Down", "Up") for d in reversed(down)]
+            m = UNet3DConditionModel(
+                block_out_channels=cfg.block_out_channels,
+                down_block_types=down,
+                up_block_types=up,
+                layers_per_block=cfg.layers_per_block,
+                attention_head_dim=cfg.head_dim,
+                cross_attention_dim=cfg.cross_attention_dim,
+                norm_num_groups=cfg.norm_num_groups,
+            )
+    if args.channels_last:  # the 2D convs' weights; the Conv3d ones have no NHWC form
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.to(memory_format=torch.channels_last)
+    return m.train()
+
+
+def make_inputs(b: int, cfg, frames: int, lat: int, device: torch.device, args):
+    x = torch.randn(b, 4, frames, lat, lat, device=device)
+    if args.channels_last:  # (B, C, F, H, W) -> frames fold into the batch as NHWC
+        x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    t = torch.randint(0, 1000, (b,), device=device)
+    text = torch.randn(b, 77, cfg.cross_attention_dim, device=device)
+    return x, t, text
+
+
+def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -> float:
+    """Model FLOPs of one sample's forward+backward (no recompute counted): FLOPs are linear
+    in the batch, and a batch-1 count cannot run out of memory where the timed loop did not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, text = make_inputs(1, cfg, frames, lat, device, args)
+    ckpt = getattr(model, "set_gradient_checkpointing", None)
+    if ckpt:
+        ckpt(False)
+    with FlopCounterMode(display=False) as fc:  # eager model: counts every op
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(x, t, text)
+            out = out if torch.is_tensor(out) else out.sample
+        out.float().square().mean().backward()
+    if ckpt:
+        ckpt(args.ckpt, args.ckpt_levels)
+    model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise CompileTimeout after ``seconds`` (SIGALRM: compilation is Python, so it stops)."""
+
+    def fire(*_):
+        raise CompileTimeout
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def train_step(fwd, opt, x, t, text, device: torch.device) -> None:
@@ -240,12 +307,29 @@ def bench_loader(args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["model", "loader", "all"])
-    p.add_argument("--batch", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--batch", type=int, nargs="+", default=[4, 8, 12, 16])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--preset", choices=["base", "tiny"], default=None, help="default: by device")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--latent", type=int, default=None, help="latent height = width")
+    p.add_argument("--compile", action="store_true", help="torch.compile (mode default)")
+    p.add_argument("--compile-timeout", type=float, default=120, help="seconds for compiling")
+    p.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check")
+    p.add_argument(
+        "--ckpt",
+        nargs="?",
+        const="layer",
+        default=None,
+        choices=["layer", "attention", "block"],
+        help="gradient checkpointing: per layer (default), attention triples or every block",
+    )
+    p.add_argument(
+        "--ckpt-levels", type=int, nargs="+", default=None, help="only these levels (0 = top)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="NHWC model and input")
     p.add_argument("--baseline", action="store_true", help="also time diffusers' UNet3D")
+    p.add_argument("--baseline-batch", type=int, nargs="+", default=[8])
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--json", default=None, help="append results to this JSON file")
     args = p.parse_args()
