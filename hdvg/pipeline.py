@@ -205,7 +205,7 @@ def apply_stages(stages: list[Stage], results: list[SourceResult]) -> None:
                 r.source.timings[stage.name] = r.source.timings.get(stage.name, 0.0) + spent
 
 
-def prepare_frames(stages: list[Stage], results: list[SourceResult]) -> None:
+def prepare_frames(stages: list[Stage], results: list[SourceResult], threads: int = 1) -> None:
     """The CPU side of the model stages, run by the frame pool ahead of the model actors:
     each live clip's frames decoded once (`hdvg.frames`, only those the stages read) and
     each stage's CPU pre-processing (`prepare`, e.g. the caption processor's pixel
@@ -221,7 +221,7 @@ def prepare_frames(stages: list[Stage], results: list[SourceResult]) -> None:
         with timed(r.source.timings, "frames"):
             for c in live:
                 try:
-                    c.frames = decode_frames(c.data, spec)
+                    c.frames = decode_frames(c.data, spec, threads)
                 except Exception as e:  # noqa: BLE001 - one bad clip is that clip's row
                     c.fail("decode_error", f"frames: {e}")
             for s in stages:
@@ -238,7 +238,7 @@ def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
     if stages is None:  # built once per worker; the models themselves are not loaded here
         stages = _POOL_STAGES[cfg.hash()] = model_stages(cfg)
     result = pickle.loads(row["result"])
-    prepare_frames(stages, [result])
+    prepare_frames(stages, [result], max(1, int(cfg.models.frame_pool_cpus)))
     return {**row, "result": pickle.dumps(result, protocol=5)}
 
 

@@ -39,7 +39,7 @@ CLIPS = [
 
 
 def _encode(lavfi: str, frames: int, out: Path) -> None:
-    import imageio_ffmpeg
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # absent on a bare GPU image
 
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y"]
     cmd += ["-f", "lavfi", "-i", lavfi, "-frames:v", str(frames)]
