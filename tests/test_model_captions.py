@@ -192,14 +192,17 @@ def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
     from hdvg.pipeline import ModelStageActor, model_stages, prepare_frames
     from hdvg.records import SourceRecord, SourceResult
 
-    cfg = from_dict({"clip_stages": {"caption": {"path": tiny["blip2"], "max_new_tokens": 4}},
+    cfg = from_dict({"clip_stages": {"caption": {"path": tiny["blip2"], "min_new_tokens": 3, "max_new_tokens": 5}},
                      "models": {"device": "cpu"}})  # fmt: skip
     r = SourceResult(SourceRecord("s0", "u", 0))
     r.clips = _clips(clip_bytes, 3)
-    prepare_frames(model_stages(cfg), [r])  # what the frame pool does on a CPU worker
+    pool = model_stages(cfg)
+    prepare_frames(pool, [r])  # what the frame pool does on a CPU worker
     fr = r.clips[0].frames
     assert fr.indices == [fr.n_frames // 2]  # captions only: the middle frame alone
-    assert fr.memo["caption_pixels"].shape == (1, 3, 224, 224)
+    size = pool[0].processor.image_processor.size  # the pool loaded the processor only
+    assert fr.memo["caption_pixels"].shape == (1, 3, size["height"], size["width"])
+    assert not hasattr(pool[0], "model")
     out = ModelStageActor(cfg)({"result": [pickle.dumps(r)]})
     back = pickle.loads(out["result"][0])
     assert all(c.caption and c.frames is None for c in back.clips)
