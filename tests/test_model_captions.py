@@ -192,8 +192,8 @@ def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
     from hdvg.pipeline import ModelStageActor, model_stages, prepare_frames
     from hdvg.records import SourceRecord, SourceResult
 
-    cfg = from_dict({"clip_stages": {"caption": {"path": tiny["blip2"], "min_new_tokens": 3, "max_new_tokens": 5}},
-                     "models": {"device": "cpu"}})  # fmt: skip
+    cap = {"path": tiny["blip2"], "min_new_tokens": 3, "max_new_tokens": 5}
+    cfg = from_dict({"clip_stages": {"caption": cap}, "models": {"device": "cpu"}})
     r = SourceResult(SourceRecord("s0", "u", 0))
     r.clips = _clips(clip_bytes, 3)
     pool = model_stages(cfg)
