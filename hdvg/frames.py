@@ -3,8 +3,9 @@
 All model stages of a recipe (captions, CLIP, aesthetic, watermark, motion, overlay, text)
 read the same few frames of a clip. `get_frames(clip)` returns them, decoding from
 `clip.data` with PyAV the first time any stage asks. Which frames are decoded follows the
-recipe (`spec_for(stages)`): a recipe whose only frame reader is the middle-frame caption
-decodes up to the middle frame and stops there.
+recipe (`spec_for(stages)`, set on each stage as `frame_spec` by the model actor): a
+recipe whose only frame reader is the middle-frame caption decodes up to the middle frame
+and stops there.
 
 Two places hold decoded frames:
 - `clip.frames`, set by the CPU frame pool that runs ahead of the model actors
@@ -42,7 +43,6 @@ class FrameSpec:
 
 DEFAULT_SPEC = FrameSpec()
 MIDDLE_ONLY = FrameSpec(n=0, nexts=False)
-_SPEC = [DEFAULT_SPEC]  # the spec of this process's recipe (`use_spec`)
 
 
 def spec_for(stages: list[Any]) -> FrameSpec | None:
@@ -52,11 +52,6 @@ def spec_for(stages: list[Any]) -> FrameSpec | None:
     if not uses:
         return None
     return MIDDLE_ONLY if uses == {"middle"} else DEFAULT_SPEC
-
-
-def use_spec(spec: FrameSpec | None) -> None:
-    """Set the frames `get_frames` decodes in this process (per worker / actor)."""
-    _SPEC[0] = spec or DEFAULT_SPEC
 
 
 @dataclass
@@ -168,7 +163,8 @@ _CACHE: dict[int, Frames] = {}
 
 def get_frames(clip: Any, spec: FrameSpec | None = None) -> Frames:
     """The clip's frames: those the frame pool put on it, or decoded on first use (with
-    `spec`, default the process's `use_spec`) and shared by every later stage."""
+    `spec`: the recipe's, which the model actor gives its stages; default all the frames any
+    stage reads) and shared by every later stage."""
     fr = getattr(clip, "frames", None)
     if fr is not None:
         return fr
@@ -177,15 +173,15 @@ def get_frames(clip: Any, spec: FrameSpec | None = None) -> Frames:
     if fr is None:
         if clip.data is None:
             raise ValueError(f"clip {clip.clip_id} has no mp4 data")
-        fr = decode_frames(clip.data, spec or _SPEC[0])
+        fr = decode_frames(clip.data, spec or DEFAULT_SPEC)
         _CACHE[key] = fr
         weakref.finalize(clip, _CACHE.pop, key, None)
     return fr
 
 
-def memo(clip: Any, key: str, fn: Callable[[Frames], Any]) -> Any:
+def memo(clip: Any, key: str, fn: Callable[[Frames], Any], spec: FrameSpec | None = None) -> Any:
     """A value derived from the clip's frames, computed once per clip (e.g. an embedding)."""
-    fr = get_frames(clip)
+    fr = get_frames(clip, spec)
     if key not in fr.memo:
         fr.memo[key] = fn(fr)
     return fr.memo[key]

@@ -21,7 +21,7 @@ from .config import PipelineConfig
 from .cut import CutPlan, cut_clip, cut_clips, plan_cut
 from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
-from .frames import decode_frames, drop_frames, spec_for, use_spec
+from .frames import decode_frames, drop_frames, spec_for
 from .probe import ProbeError, probe
 from .records import Clip, SourceRecord, SourceResult, SourceTask, clip_key
 from .scenes import SceneResult, detect_scenes
@@ -255,7 +255,9 @@ class ModelStageActor:
         if stages is None:
             for s in self.stages:
                 s.setup()
-        use_spec(spec_for(self.stages))
+        spec = spec_for(self.stages)  # the frames this recipe reads, decoded once per clip
+        for s in self.stages:
+            s.frame_spec = spec
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = [pickle.loads(b) for b in batch["result"]]

@@ -197,3 +197,18 @@ def test_caption_only_recipe_decodes_the_middle_frame_alone():
     assert frames.spec_for([cap, build_stage("motion", {})]) == frames.DEFAULT_SPEC
     assert frames.spec_for([build_stage("caption", {"frames": "multi"})]) == frames.DEFAULT_SPEC
     assert frames.spec_for([build_stage("resolution", {})]) is None
+
+
+def test_recipe_frame_spec_stays_with_its_stages(vids):
+    """A model actor gives its own stages the recipe's frame spec; stages built elsewhere in
+    the same process keep decoding every frame they read (no process-wide state)."""
+    from hdvg.config import PipelineConfig
+    from hdvg.pipeline import ModelStageActor
+
+    cap = build_stage("caption", {})
+    ModelStageActor(PipelineConfig(), stages=[cap])
+    assert cap.frame_spec == frames.MIDDLE_ONLY
+    motion = build_stage("motion", {})
+    c = _clip(vids["clean"])
+    motion.process_batch([c], [None])
+    assert len(frames.get_frames(c).indices) == 9 and c.scores["motion_score"] > 0.05

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ...config import ModelsConfig
-from ...frames import Frames, get_frames
+from ...frames import Frames, FrameSpec, get_frames
 from ...models import WeightRef
 from ...records import Clip
 from ..base import Filter, Stage, StageContext
@@ -50,12 +50,12 @@ class ModelMixin:
         return {"stage": self.name, "model": [r.label for r in self.weights()] or None}
 
 
-def frames_of(clips: list[Clip]) -> list[tuple[Clip, Frames]]:
+def frames_of(clips: list[Clip], spec: FrameSpec | None = None) -> list[tuple[Clip, Frames]]:
     """Frames of each clip; a clip whose frames do not decode fails with `decode_error`."""
     out = []
     for c in clips:
         try:
-            out.append((c, get_frames(c)))
+            out.append((c, get_frames(c, spec)))
         except Exception as e:  # noqa: BLE001 - one bad clip is that clip's row
             c.fail("decode_error", f"frames: {e}")
     return out
@@ -70,6 +70,7 @@ class FrameFilter(Filter):
 
     needs = "clip"
     frame_use = "spread"  # reads frames spread over the clip (see `hdvg.frames.spec_for`)
+    frame_spec: FrameSpec | None = None  # the recipe's frames, set by the model actor
 
     def score_frames(self, fr: Frames) -> dict[str, float | None]:
         raise NotImplementedError
@@ -78,10 +79,10 @@ class FrameFilter(Filter):
         return [self.score_frames(f) for f in frames]
 
     def score(self, clip: Clip, ctx: StageContext) -> dict[str, float | None]:
-        return self.score_batch([get_frames(clip)])[0]
+        return self.score_batch([get_frames(clip, self.frame_spec)])[0]
 
     def process_batch(self, clips: list[Clip], ctx: list[StageContext]) -> None:
-        pairs = frames_of(clips)
+        pairs = frames_of(clips, self.frame_spec)
         if not pairs:
             return
         for (clip, _), scores in zip(pairs, self.score_batch([f for _, f in pairs]), strict=True):

@@ -77,6 +77,7 @@ class CaptionStage(ModelMixin, Stage):
     Config = CaptionConfig
     needs = "clip"
     uses_model = True
+    frame_spec = None  # the recipe's frames (hdvg.frames.FrameSpec), set by the model actor
 
     @property
     def model_name(self) -> str:
@@ -133,7 +134,8 @@ class CaptionStage(ModelMixin, Stage):
             _, src, kw = self._source()
             self.processor = transformers.AutoProcessor.from_pretrained(src, **kw)
         for c in clips:
-            memo(c, "caption_pixels", lambda _, c=c: self._pixels(self._images(c)))
+            memo(c, "caption_pixels", lambda _, c=c: self._pixels(self._images(c)),
+                 self.frame_spec)  # fmt: skip
 
     def _pixels(self, images: list[np.ndarray]) -> np.ndarray:
         return self.processor.image_processor(images, return_tensors="np")["pixel_values"]
@@ -141,7 +143,7 @@ class CaptionStage(ModelMixin, Stage):
     # --- per batch ----------------------------------------------------------------------
 
     def _images(self, clip: Clip) -> list[np.ndarray]:
-        fr = get_frames(clip)
+        fr = get_frames(clip, self.frame_spec)
         if self.cfg.frames == "middle":
             return [fr.images[fr.middle]]
         k = min(self.cfg.n_frames, len(fr.images))
@@ -207,7 +209,9 @@ class CaptionStage(ModelMixin, Stage):
         texts: dict[int, list[str]] = {}
         with (ThreadPoolExecutor(self.cfg.decode_threads, "caption-decode") as dec,
               ThreadPoolExecutor(1, thread_name_prefix="caption-prep") as pool):  # fmt: skip
-            decoded = {id(c): dec.submit(get_frames, c) for c in clips}  # in order, ahead
+            decoded = {
+                id(c): dec.submit(get_frames, c, self.frame_spec) for c in clips
+            }  # in order, ahead
             futures = [
                 pool.submit(self._prepare, ch, decoded) for ch in chunks[: self.cfg.prefetch]
             ]

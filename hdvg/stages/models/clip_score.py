@@ -40,7 +40,7 @@ class ClipScoreFilter(ClipFilter):
         for c in clips:
             if not self.text_of(c):
                 c.scores["clip_score"] = None  # nothing to compare with: no decision
-        pairs = frames_of(with_text)
+        pairs = frames_of(with_text, self.frame_spec)
         if not pairs:
             return
         bb = self.backbone()
@@ -54,7 +54,7 @@ class ClipScoreFilter(ClipFilter):
         if not text:
             return {"clip_score": None}
         bb = self.backbone()
-        img = bb.image_embeddings([get_frames(clip)])[0]
+        img = bb.image_embeddings([get_frames(clip, self.frame_spec)])[0]
         return {"clip_score": float(img @ bb.text_embeddings([text])[0])}
 
     def score_embeddings(self, frames: list[Frames], emb):  # unused: needs the text
