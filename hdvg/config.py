@@ -119,13 +119,12 @@ class ModelsConfig:
     # actors' processes only run models; null (auto): when the actors get GPUs
     frame_pool: bool | None = None
     frame_pool_cpus: float = 1.0  # per frame-pool task
+    allow_download: bool = False  # fetch weights from a hub at run time
+    cache_dir: str | None = None  # HF cache; default: $HF_HOME
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"models.device must be auto, cpu or cuda, got {self.device!r}")
-
-    allow_download: bool = False  # fetch weights from a hub at run time
-    cache_dir: str | None = None  # HF cache; default: $HF_HOME
 
 
 @dataclass

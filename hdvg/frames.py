@@ -48,7 +48,7 @@ MIDDLE_ONLY = FrameSpec(n=0, nexts=False)
 def spec_for(stages: list[Any]) -> FrameSpec | None:
     """The frames a recipe's stages read: the middle frame alone when every frame reader
     says `frame_use == "middle"`; None when no stage reads frames."""
-    uses = {getattr(s, "frame_use", None) for s in stages} - {None}
+    uses = {s.frame_use for s in stages} - {None}
     if not uses:
         return None
     return MIDDLE_ONLY if uses == {"middle"} else DEFAULT_SPEC

@@ -259,10 +259,13 @@ class ModelStageActor:
         for s in self.stages:
             s.frame_spec = spec
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = [pickle.loads(b) for b in batch["result"]]
+    def process(self, results: list[SourceResult]) -> None:
         apply_stages(self.stages, results)
         drop_frames(results)  # frames from the pool end here: they never reach the driver
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = [pickle.loads(b) for b in batch["result"]]
+        self.process(results)
         batch["result"] = [pickle.dumps(r) for r in results]
         return batch
 

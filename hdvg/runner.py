@@ -26,12 +26,10 @@ from typing import Any
 
 from . import PIPELINE_VERSION, __version__
 from .config import PipelineConfig
-from .frames import drop_frames
 from .manifest.writer import DatasetWriter, Ledger
 from .pipeline import (
     ModelStageActor,
     SourceProcessor,
-    apply_stages,
     build_stages,
     frame_pool_row,
     manifest_meta,
@@ -191,8 +189,7 @@ def _serial_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str):
     for t in tasks:
         r = proc(t)
         if actor:
-            apply_stages(actor.stages, [r])
-            drop_frames([r])
+            actor.process([r])
         yield r
 
 

@@ -42,6 +42,10 @@ class Stage:
     needs: ClassVar[str] = "meta"
     uses_model: ClassVar[bool] = False
     score_columns: ClassVar[tuple[str, ...]] = ()
+    # frame readers (model stages): "middle" or "spread" (see `hdvg.frames.spec_for`), and
+    # the recipe's frames (`FrameSpec`), set on each stage by the model actor
+    frame_use: ClassVar[str | None] = None
+    frame_spec: Any = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -69,8 +69,7 @@ class FrameFilter(Filter):
     """
 
     needs = "clip"
-    frame_use = "spread"  # reads frames spread over the clip (see `hdvg.frames.spec_for`)
-    frame_spec: FrameSpec | None = None  # the recipe's frames, set by the model actor
+    frame_use = "spread"
 
     def score_frames(self, fr: Frames) -> dict[str, float | None]:
         raise NotImplementedError

@@ -77,7 +77,6 @@ class CaptionStage(ModelMixin, Stage):
     Config = CaptionConfig
     needs = "clip"
     uses_model = True
-    frame_spec = None  # the recipe's frames (hdvg.frames.FrameSpec), set by the model actor
 
     @property
     def model_name(self) -> str:
