@@ -36,6 +36,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4D tensor laid out NHWC in memory (and not also NCHW, as when H = W = 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class _Norm(torch.autograd.Function):
     """Group or layer norm (optionally + SiLU) that keeps only its input and the statistics.
 
@@ -93,7 +98,22 @@ def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool) -> torch
     else:
         nd = out_dtype = x.dtype
     with torch.autocast(dev, enabled=False):
+        if torch.compiler.is_compiling():
+            return _plain_norm(x, weight, bias, spec, silu, nd, out_dtype)
         return _Norm.apply(x, weight, bias, spec, silu, nd, out_dtype)
+
+
+def _plain_norm(x, weight, bias, spec, silu, nd, out_dtype):
+    """The same numbers as :class:`_Norm` from plain ops, for torch.compile: inductor fuses the
+    casts, the norm and the SiLU into one kernel for any memory layout (channels-last too,
+    where CUDA's eager group norm copies to NCHW), and its partitioner chooses what backward
+    keeps and what it recomputes, so the custom backward has nothing left to add there."""
+    w, b = _up(weight, nd), _up(bias, nd)
+    if spec[0] == "group":
+        y = F.group_norm(x.to(nd), spec[4], w, b, spec[5])
+    else:
+        y = F.layer_norm(x.to(nd), spec[1], w, b, spec[2])
+    return (F.silu(y) if silu else y).to(out_dtype)
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
@@ -203,6 +223,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.net[0].proj(x)  # (B, N, 2I)
         out = self.net[2]
+        if torch.compiler.is_compiling():  # inductor fuses h * gelu(gate) and picks what to keep
+            h, gate = a.chunk(2, dim=-1)
+            return out(h * F.gelu(gate))  # (B, N, C)
         dt = a.dtype
         with torch.autocast(x.device.type, enabled=False):
             return _GegluLinear.apply(a, out.weight.to(dt), out.bias.to(dt))  # (B, N, C)
@@ -278,5 +301,8 @@ class TemporalTransformer(nn.Module):
         for block in self.transformer_blocks:
             t = block(t)
         t = self.proj_out(t)
-        t = rearrange(t, "(b h w) f c -> (b f) c h w", h=h, w=w)  # (BF, C, H, W)
+        if not is_channels_last(x):
+            t = rearrange(t, "(b h w) f c -> (b f) c h w", h=h, w=w)  # (BF, C, H, W)
+        else:  # one copy into x's channels-last layout, (b f h w c) in memory, not NCHW
+            t = rearrange(t, "(b h w) f c -> (b f) h w c", h=h, w=w).permute(0, 3, 1, 2)
         return x + t

@@ -33,7 +33,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from hdvg.t2v.layers import Attention, layer_norm
+from hdvg.t2v.layers import Attention, is_channels_last, layer_norm
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:
@@ -67,10 +67,28 @@ def window_partition(
 
 
 def window_merge(
-    tokens: torch.Tensor, num_frames: int, height: int, width: int, window: tuple[int, int, int]
+    tokens: torch.Tensor,
+    num_frames: int,
+    height: int,
+    width: int,
+    window: tuple[int, int, int],
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B*nW, wf*wh*ww, C)`` -> ``(B*F, C, H, W)``."""
+    """Inverse of :func:`window_partition`: ``(B*nW, wf*wh*ww, C)`` -> ``(B*F, C, H, W)``,
+    NCHW-contiguous or, with ``channels_last``, laid out ``(b f h w c)`` in memory."""
     wf, wh, ww = window
+    if channels_last:  # the same copy, into the layout of a channels-last residual stream
+        cl = rearrange(
+            tokens,
+            "(b nf nh nw) (wf wh ww) c -> (b nf wf) (nh wh) (nw ww) c",
+            nf=num_frames // wf,
+            nh=height // wh,
+            nw=width // ww,
+            wf=wf,
+            wh=wh,
+            ww=ww,
+        )
+        return cl.permute(0, 3, 1, 2)  # (BF, C, H, W)
     return rearrange(
         tokens,
         "(b nf nh nw) (wf wh ww) c -> (b nf wf) c (nh wh) (nw ww)",
@@ -111,4 +129,5 @@ class SwapAttention(nn.Module):
         q = window_partition(q_src, num_frames, win)  # (B*nW, T, C)
         kv = window_partition(kv_src, num_frames, win)  # (B*nW, T, C)
         out = self.attn(layer_norm(self.norm_q, q), layer_norm(self.norm_kv, kv))  # (B*nW, T, C)
-        return window_merge(out, num_frames, h, w, win)  # (BF, C, H, W)
+        cl = is_channels_last(spatial)
+        return window_merge(out, num_frames, h, w, win, cl)  # (BF, C, H, W)

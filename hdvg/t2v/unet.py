@@ -23,7 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hdvg.t2v.config import UNetConfig
-from hdvg.t2v.layers import SpatialTransformer, TemporalTransformer, group_norm_silu
+from hdvg.t2v.layers import (
+    SpatialTransformer,
+    TemporalTransformer,
+    group_norm_silu,
+    is_channels_last,
+)
 from hdvg.t2v.swap import SwapAttention
 
 
@@ -83,14 +88,36 @@ class TemporalConv(nn.Module):
         nn.init.zeros_(self.conv4[-1].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
+        _, _, hgt, wid = x.shape  # (BF, C, H, W)
+        cl = is_channels_last(x)
+        v = rearrange(x, "(b f) c h w -> b c f (h w)", f=num_frames)  # (B, C, F, HW)
         h = v
         for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
             h = group_norm_silu(seq[0], h)  # seq = [norm, SiLU, (dropout,) conv]
             if len(seq) == 4:
                 h = seq[2](h)
-            h = seq[-1](h)  # (B, C, F, H, W)
-        return rearrange(v + h, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
+            h = _frame_conv(seq[-1], h, cl)  # (B, C, F, HW)
+        out = v + h
+        if cl:  # (b f h w c) in memory, so that "(b f)" is a view
+            out = out.contiguous(memory_format=torch.channels_last)
+        return rearrange(out, "b c f (h w) -> (b f) c h w", h=hgt, w=wid)  # (BF, C, H, W)
+
+
+def _frame_conv(conv: nn.Conv3d, h: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The (3,1,1) conv along frames of ``(B, C, F, H*W)``.
+
+    On a channels-last stream it runs as a (3,1) Conv2d: the same sums through the 2D cuDNN
+    kernels, which take NHWC bf16 natively (fewer fast paths exist for NDHWC 3D convs), and
+    ``(B, C, F, HW)`` of an NHWC ``(B*F, C, H, W)`` is itself NHWC, so no copy. Otherwise it
+    stays the Conv3d (on ``(B, C, F, HW, 1)``): bit for bit diffusers' kernel, whose bf16
+    rounding the 2D one does not reproduce exactly (the CPU equivalence test tells them
+    apart). The parameter is the Conv3d's either way, so checkpoints load unchanged.
+    """
+    if not channels_last:
+        return conv(h.unsqueeze(-1)).squeeze(-1)  # (B, C, F, HW)
+    h = h.contiguous(memory_format=torch.channels_last)  # a no-op unless a norm made it NCHW
+    w = conv.weight.squeeze(-1)  # (Co, Ci, 3, 1)
+    return F.conv2d(h, w, conv.bias, padding=(conv.padding[0], 0))  # (B, C, F, HW)
 
 
 class Downsample(nn.Module):
@@ -231,6 +258,45 @@ def _ckpt_mode(value: bool | str | None) -> str | None:
 
 def _maybe_ckpt(on: bool, fn, *args):
     return checkpoint(fn, *args, use_reentrant=False) if on else fn(*args)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights for the 2D convs (and NDHWC for the temporal ones, whose ``squeeze(-1)``
+    is then an NHWC 4D weight): cuDNN's bf16 convs run NHWC natively; NCHW ones pay transposes
+    in and out of every conv. Feed the input as ``sample.permute(0, 2, 3, 4, 1).contiguous()
+    .permute(0, 4, 1, 2, 3)`` so that the ``(b f)`` fold keeps it NHWC."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+        elif isinstance(m, nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+REGION_TYPES = (ResnetBlock, TemporalConv, SpatialTransformer, TemporalTransformer, SwapAttention)
+
+
+def compile_regions(model: nn.Module, **compile_kwargs) -> int:
+    """Regional compilation: ``torch.compile`` each res-block, temporal conv and attention block
+    in place instead of the whole U-Net
+    (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html).
+
+    Blocks of one class and shape share their compiled code (dynamo treats parameters as
+    inputs), so the U-Net's ~70 blocks compile as ~30 graphs of a few ops each: fusion where
+    the time goes (norm + SiLU + casts, GEGLU, residual adds) without the whole-model graph
+    that did not compile within 140 s (RESULTS.md, t2v). Shapes are static by default
+    (``dynamic=False``); each distinct block shape is one recompile, so dynamo's per-function
+    limit is raised to cover them. Returns the number of blocks compiled.
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name moved in torch 2.7
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    blocks = [m for m in model.modules() if isinstance(m, REGION_TYPES)]
+    for m in blocks:
+        m.compile(**compile_kwargs)
+    return len(blocks)
 
 
 class SwapUNet(nn.Module):
