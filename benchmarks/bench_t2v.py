@@ -52,7 +52,7 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def bench_model(args) -> list[dict]:
+def bench_model(args, results: list[dict]) -> list[dict]:
     from hdvg.t2v.config import UNET_PRESETS, UNetConfig, from_dict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +66,6 @@ def bench_model(args) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 
-    results = []
     runs = [("hdvg", args.batch)]
     if args.baseline:
         runs.append(("diffusers", args.baseline_batch))
@@ -74,9 +73,15 @@ def bench_model(args) -> list[dict]:
         model = make_model(kind, cfg, device, args)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        compiled = bool(args.compile and kind == "hdvg")
-        fwd = torch.compile(model, backend=args.compile_backend) if compiled else model
-        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)
+        compiled = args.compile if kind == "hdvg" else None
+        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
+        fwd = model
+        if compiled == "full":
+            fwd = torch.compile(model, backend=args.compile_backend)
+        elif compiled == "regional":  # in place; compiles lazily in the first step
+            from hdvg.t2v.unet import compile_regions
+
+            compile_regions(model, backend=args.compile_backend)
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
@@ -106,6 +111,8 @@ def bench_model(args) -> list[dict]:
                     step()
                 sync(device)
                 dt = (time.perf_counter() - t0) / args.steps
+                if args.profile and device.type == "cuda":
+                    row |= profile_steps(step, device, f"{args.profile}.{kind}.txt")
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as e:  # inductor wraps the timeout in its own error
@@ -115,6 +122,7 @@ def bench_model(args) -> list[dict]:
             if "error" in row:
                 print(json.dumps(row), flush=True)
                 results.append(row)
+                args.save()
                 x = t = text = None
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
@@ -131,6 +139,7 @@ def bench_model(args) -> list[dict]:
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             print(json.dumps(row), flush=True)
             results.append(row)
+            args.save()  # a later step may be killed by its timeout: keep what is measured
         model = opt = fwd = None  # free before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,7 +168,11 @@ def make_model(kind: str, cfg, device: torch.device, args) -> torch.nn.Module:
                 cross_attention_dim=cfg.cross_attention_dim,
                 norm_num_groups=cfg.norm_num_groups,
             )
-    if args.channels_last:  # the 2D convs' weights; the Conv3d ones have no NHWC form
+    if args.channels_last and kind == "hdvg":
+        from hdvg.t2v.unet import to_channels_last
+
+        to_channels_last(m)
+    elif args.channels_last:  # the 2D convs' weights; diffusers' Conv3d runs NCDHW
         for mod in m.modules():
             if isinstance(mod, torch.nn.Conv2d):
                 mod.to(memory_format=torch.channels_last)
@@ -193,6 +206,59 @@ def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -
         ckpt(args.ckpt, args.ckpt_levels)
     model.zero_grad(set_to_none=True)
     return float(fc.get_total_flops())
+
+
+KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuDNN conv kernels say "gemm" too
+    ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
+    ("norm", ("norm", "welford", "moments")),
+    ("layout", ("copy", "transpose", "nchwtonhwc", "nhwctonchw", "cat", "permute")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton (fused)", ("triton",)),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, frags in KERNEL_KINDS if any(f in low for f in frags)), "elementwise")
+
+
+def profile_steps(step, device: torch.device, path: str, n: int = 2) -> dict:
+    """GPU kernel time of ``n`` steps by kernel and by kind (conv / gemm / attention / norm /
+    layout copies / ...): where a step's time goes. Full table to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            sync(device)
+        events = prof.key_averages()
+        path_ = Path(path)
+        path_.parent.mkdir(parents=True, exist_ok=True)
+        path_.write_text(events.table(sort_by="self_device_time_total", row_limit=60))
+        rows = []
+        for e in events:
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+            if us > 0:
+                rows.append((e.key, us / n / 1e3, e.count // n))  # ms and launches per step
+        total = sum(r[1] for r in rows)
+        kinds: dict[str, float] = {}
+        for name, ms, _ in rows:
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        rows.sort(key=lambda r: -r[1])
+        return {
+            "gpu_kernel_ms_per_step": total,
+            "kernels_per_step": sum(r[2] for r in rows),
+            "gpu_ms_by_kind": {
+                k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+            },
+            "top_kernels": [[name[:90], round(ms, 2), c] for name, ms, c in rows[:15]],
+        }
+    except Exception as e:  # a profiler failure must not lose the timing already measured
+        return {"profile_error": f"{type(e).__name__}: {e}"[:300]}
 
 
 class CompileTimeout(Exception):
@@ -313,7 +379,14 @@ def main() -> int:
     p.add_argument("--preset", choices=["base", "tiny"], default=None, help="default: by device")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--latent", type=int, default=None, help="latent height = width")
-    p.add_argument("--compile", action="store_true", help="torch.compile (mode default)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="full",
+        default=None,
+        choices=["full", "regional"],
+        help="torch.compile the whole U-Net (default) or each block apart (regional)",
+    )
     p.add_argument("--compile-timeout", type=float, default=120, help="seconds for compiling")
     p.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check")
     p.add_argument(
@@ -332,6 +405,9 @@ def main() -> int:
     p.add_argument("--baseline-batch", type=int, nargs="+", default=[8])
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--json", default=None, help="append results to this JSON file")
+    p.add_argument(
+        "--profile", default=None, help="profile 2 steps after timing: PREFIX.<model>.txt tables"
+    )
     args = p.parse_args()
     out = {
         "machine": platform.node(),
@@ -340,15 +416,22 @@ def main() -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+    out["args"] = {k: v for k, v in vars(args).items() if k not in ("what", "json")}
+    path = Path(args.json) if args.json else None
+    runs = json.loads(path.read_text()) if path and path.exists() else []
+    rows: list[dict] = []
+
+    def save() -> None:  # rewrite this run's entry after every row: a timeout keeps the rest
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(runs + [out | ({"model": rows} if rows else {})], indent=1))
+
+    args.save = save
     if args.what in ("model", "all"):
-        out["model"] = bench_model(args)
+        rows = out["model"] = bench_model(args, rows)
     if args.what in ("loader", "all"):
         out["loader"] = bench_loader(args)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        runs = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(runs + [out], indent=1))
+    save()
     return 0
 
 
