@@ -162,7 +162,9 @@ def test_fast_frame_score_equals_pyscenedetect(media_dir, detector):
     scores, cuts = [], {"ours": [], "stock": []}
     for i, frame in enumerate(reader):
         for name, det in (("ours", ours), ("stock", stock)):
-            cuts[name] += [tc.frame_num for tc in det.process_frame(FrameTimecode(i, pr.fps), frame)]
+            cuts[name] += [
+                tc.frame_num for tc in det.process_frame(FrameTimecode(i, pr.fps), frame)
+            ]
         scores.append((ours._frame_score, stock._frame_score))
     assert len(scores) == m.spec.n_frames
     assert all(a == b for a, b in scores), [s for s in scores if s[0] != s[1]][:3]
