@@ -88,33 +88,31 @@ class TemporalConv(nn.Module):
         nn.init.zeros_(self.conv4[-1].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        _, _, hgt, wid = x.shape  # (BF, C, H, W)
-        cl = is_channels_last(x)
-        v = rearrange(x, "(b f) c h w -> b c f (h w)", f=num_frames)  # (B, C, F, HW)
-        h = v
+        if is_channels_last(x):  # (3,1) Conv2d over (B, C, F, HW): see _frame_conv
+            v = rearrange(x, "(b f) c h w -> b c f (h w)", f=num_frames)  # (B, C, F, HW), a view
+            h = self._convs(v, _frame_conv2d)
+            out = (v + h).contiguous(memory_format=torch.channels_last)  # (b f hw c) in memory
+            return rearrange(out, "b c f (h w) -> (b f) c h w", w=x.shape[-1])  # a view
+        v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
+        h = self._convs(v, lambda conv, h: conv(h))  # diffusers' Conv3d, bit for bit
+        return rearrange(v + h, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
+
+    def _convs(self, h: torch.Tensor, conv) -> torch.Tensor:
         for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
             h = group_norm_silu(seq[0], h)  # seq = [norm, SiLU, (dropout,) conv]
             if len(seq) == 4:
                 h = seq[2](h)
-            h = _frame_conv(seq[-1], h, cl)  # (B, C, F, HW)
-        out = v + h
-        if cl:  # (b f h w c) in memory, so that "(b f)" is a view
-            out = out.contiguous(memory_format=torch.channels_last)
-        return rearrange(out, "b c f (h w) -> (b f) c h w", h=hgt, w=wid)  # (BF, C, H, W)
+            h = conv(seq[-1], h)
+        return h
 
 
-def _frame_conv(conv: nn.Conv3d, h: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """The (3,1,1) conv along frames of ``(B, C, F, H*W)``.
-
-    On a channels-last stream it runs as a (3,1) Conv2d: the same sums through the 2D cuDNN
-    kernels, which take NHWC bf16 natively (fewer fast paths exist for NDHWC 3D convs), and
-    ``(B, C, F, HW)`` of an NHWC ``(B*F, C, H, W)`` is itself NHWC, so no copy. Otherwise it
-    stays the Conv3d (on ``(B, C, F, HW, 1)``): bit for bit diffusers' kernel, whose bf16
-    rounding the 2D one does not reproduce exactly (the CPU equivalence test tells them
-    apart). The parameter is the Conv3d's either way, so checkpoints load unchanged.
-    """
-    if not channels_last:
-        return conv(h.unsqueeze(-1)).squeeze(-1)  # (B, C, F, HW)
+def _frame_conv2d(conv: nn.Conv3d, h: torch.Tensor) -> torch.Tensor:
+    """The (3,1,1) Conv3d as a (3,1) Conv2d over ``(B, C, F, H*W)`` on a channels-last stream:
+    the same sums through the 2D cuDNN kernels, which take NHWC bf16 natively (NDHWC 3D convs
+    have fewer fast paths), and ``(B, C, F, HW)`` of an NHWC ``(B*F, C, H, W)`` is itself
+    NHWC, so no copy. The NCHW path keeps the Conv3d: its bf16 rounding is diffusers' bit
+    for bit, which the 2D kernel's is not (the CPU equivalence test tells them apart). The
+    parameter is the Conv3d's either way, so checkpoints load unchanged."""
     h = h.contiguous(memory_format=torch.channels_last)  # a no-op unless a norm made it NCHW
     w = conv.weight.squeeze(-1)  # (Co, Ci, 3, 1)
     return F.conv2d(h, w, conv.bias, padding=(conv.padding[0], 0))  # (B, C, F, HW)
