@@ -38,7 +38,7 @@ import yaml
 from hdvg.t2v.config import ConfigError, T2VConfig, UNetConfig, from_dict
 from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
 from hdvg.t2v.text import build_text_encoder, encode_prompts
-from hdvg.t2v.unet import SwapUNet
+from hdvg.t2v.unet import SwapUNet, compile_regions
 from hdvg.t2v.vae import VideoVAE
 from hdvg.t2v.weights import load_pretrained_unet
 
@@ -317,11 +317,13 @@ def main(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     model = unet
+    if tc.compile == "regional":  # in place, before DDP wraps it
+        compile_regions(unet)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if tc.compile:
+    if tc.compile in (True, "full"):
         model = torch.compile(model)
     loader = make_loader(dataset, cfg.data, pin_memory=device.type == "cuda", seed=tc.seed)
     batches = iter(loader)

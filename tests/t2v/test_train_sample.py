@@ -178,6 +178,9 @@ def test_shipped_configs_load():
         from_dict(T2VConfig, {"data": {"frame": 3}})
     with pytest.raises(ConfigError, match="train.steps: expected an integer"):
         from_dict(T2VConfig, {"train": {"steps": "many"}})
+    assert from_dict(T2VConfig, {"train": {"compile": "regional"}}).train.compile == "regional"
+    with pytest.raises(ConfigError, match="train.compile must be"):
+        from_dict(T2VConfig, {"train": {"compile": "fast"}})
 
 
 def test_text_encoders(tiny_clip_dir, tmp_path):
