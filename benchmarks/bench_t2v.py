@@ -1,8 +1,8 @@
 """t2v benchmarks: U-Net training step (time, samples/s, MFU, peak memory) and loader throughput.
 
     python benchmarks/bench_t2v.py model  [--batch 4 8 12 16] [--ckpt [layer|attention|block]]
-        [--compile [--compile-timeout 120]] [--channels-last] [--baseline [--baseline-batch 8]]
-        [--json OUT.json]
+        [--compile [full|regional] [--compile-timeout 120]] [--channels-last]
+        [--baseline [--baseline-batch 8]] [--profile PREFIX] [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
 
 ``model``: the swap-attention U-Net at the paper-like size (16 frames, 256x256 -> latent
@@ -11,8 +11,12 @@ iteration. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on 
 forward+backward (matmuls, convs and SDPA; no recompute); MFU = FLOPs / step time / the
 chip's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). ``--baseline`` also times diffusers'
 ``UNet3DConditionModel`` at the same widths. A batch sweep stops at the first out-of-memory
-batch. ``--compile``: the first (compiling) step is timed apart as ``compile_s`` and given up
-after ``--compile-timeout`` s. On a CPU it runs the tiny preset (a smoke run).
+batch. ``--compile``: the whole U-Net, or ``regional``: each block apart (``unet.compile_regions``);
+the first (compiling) step is timed apart as ``compile_s`` and given up after
+``--compile-timeout`` s. ``--channels-last``: NHWC weights and input (``unet.to_channels_last``).
+``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
+by kernel kind and the top kernels, ``PREFIX.<model>.txt`` the full table. Each row is written
+to ``--json`` as soon as it is measured. On a CPU it runs the tiny preset (a smoke run).
 
 ``loader``: hdvg-format shards of 640x360 H.264 clips; clips/s on one core for a plain PyAV
 decode of every frame against ``ShardClips`` (16 frames at 8 fps, 256x256 crop), and the

@@ -37,3 +37,21 @@ def test_short_bf16_training_run(shard_root, tmp_path):
     assert main(cfg, str(shard_root), tmp_path) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["gpu_mem_gib"] > 0 for r in rows)
+
+
+def test_channels_last_bf16_cuda_matches_nchw():
+    """The NHWC path on the device (cuDNN NHWC convs, temporal convs as (3,1) Conv2d) under
+    bf16 autocast: the NCHW model's output within bf16 rounding, and NHWC out."""
+    from hdvg.t2v.unet import to_channels_last
+    from tests.t2v.test_model import _lively_tiny_unet
+
+    model = _lively_tiny_unet().cuda()
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    x, text, t = x.cuda(), text.cuda(), torch.tensor([3, 900]).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = model(x, t, text).float()
+        to_channels_last(model)
+        got = model(x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), t, text)
+    assert got.permute(0, 2, 3, 4, 1).is_contiguous()
+    assert (got.float() - want).abs().max() / want.abs().mean() < 5e-2
