@@ -119,12 +119,17 @@ class ModelsConfig:
     # actors' processes only run models; null (auto): when the actors get GPUs
     frame_pool: bool | None = None
     frame_pool_cpus: float = 1.0  # per frame-pool task
+    # calls Ray runs at once on each model actor: one batch's unpickling and pickling beside
+    # another's models (the models themselves run one batch at a time)
+    actor_calls: int = 2
     allow_download: bool = False  # fetch weights from a hub at run time
     cache_dir: str | None = None  # HF cache; default: $HF_HOME
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"models.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.actor_calls < 1:
+            raise ConfigError(f"models.actor_calls must be >= 1, got {self.actor_calls}")
 
 
 @dataclass

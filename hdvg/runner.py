@@ -34,6 +34,7 @@ from .pipeline import (
     frame_pool_row,
     manifest_meta,
     model_stages,
+    result_of,
 )
 from .records import SourceRecord, SourceResult, SourceTask
 from .sources import read_sources
@@ -171,12 +172,26 @@ def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address
             ModelStageActor,
             fn_constructor_kwargs={"cfg": cfg},
             batch_size=cfg.models.batch_size,
-            concurrency=cfg.models.actors,
+            batch_format="pyarrow",  # columns the actor does not read pass through uncopied
+            compute=_actor_pool(ray, cfg),
             num_gpus=gpus,
             num_cpus=0 if gpus else 1,
         )
     for row in ds.iter_rows():
-        yield pickle.loads(row["result"])
+        yield result_of(row)
+
+
+def _actor_pool(ray, cfg: PipelineConfig):
+    """`models.actors` actors, each running `models.actor_calls` calls at once on threads
+    (`ModelStageActor` runs its models one batch at a time itself)."""
+    n = cfg.models.actor_calls
+    try:
+        return ray.data.ActorPoolStrategy(
+            size=cfg.models.actors, max_concurrent_calls_per_actor=n,
+            enable_true_multi_threading=n > 1,
+        )  # fmt: skip
+    except TypeError:  # Ray before 2.5x: one call at a time per actor
+        return ray.data.ActorPoolStrategy(size=cfg.models.actors)
 
 
 def _cluster_has_gpu(ray) -> bool:

@@ -189,6 +189,10 @@ def test_curate_end_to_end_with_tiny_models(tiny, two_shot_source, ray_local, tm
 def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
     import pickle
 
+    import numpy as np
+    import torch
+
+    from hdvg.frames import MIDDLE_ONLY, decode_frames
     from hdvg.pipeline import ModelStageActor, model_stages, prepare_frames
     from hdvg.records import SourceRecord, SourceResult
 
@@ -200,9 +204,47 @@ def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
     prepare_frames(pool, [r])  # what the frame pool does on a CPU worker
     fr = r.clips[0].frames
     assert fr.indices == [fr.n_frames // 2]  # captions only: the middle frame alone
-    size = pool[0].processor.image_processor.size  # the pool loaded the processor only
-    assert fr.memo["caption_pixels"].shape == (1, 3, size["height"], size["width"])
+    assert fr.images.shape[0] == 0  # the caption reads only its pixels: no frames travel
+    ip = pool[0].processor.image_processor  # the pool loaded the processor only
+    pix = fr.memo["caption_pixels"]
+    assert pix.shape == (1, 3, ip.size["height"], ip.size["width"]) and pix.dtype == np.uint8
     assert not hasattr(pool[0], "model")
+    # resized in the pool, normalised in the actor: exactly the whole processor's pixels
+    mid = decode_frames(clip_bytes, MIDDLE_ONLY).images
+    whole = ip(list(mid), return_tensors="pt")["pixel_values"]
+    assert torch.equal(pool[0]._normalize(torch.from_numpy(pix)), whole)
     out = ModelStageActor(cfg)({"result": [pickle.dumps(r)]})
     back = pickle.loads(out["result"][0])
     assert all(c.caption and c.frames is None for c in back.clips)
+
+
+def test_clip_bytes_pass_the_caption_actor_beside_its_rows(tiny, clip_bytes):
+    """A caption-only recipe: the pool moves the clips' mp4 bytes to a column of their own,
+    the actor (dict or Arrow batches, as Ray gives them) reads only the small rows and
+    passes that column on as it came, and the driver gets the clips back whole."""
+    import pickle
+
+    import pyarrow as pa
+
+    from hdvg.pipeline import ModelStageActor, frame_pool_row, result_of
+    from hdvg.records import SourceRecord, SourceResult
+
+    cap = {"path": tiny["blip2"], "min_new_tokens": 3, "max_new_tokens": 5}
+    cfg = from_dict({"clip_stages": {"caption": cap}, "models": {"device": "cpu"}})
+    r = SourceResult(SourceRecord("s0", "u", 0))
+    r.clips = _clips(clip_bytes, 2) + [Clip("s0_0002", "s0", "u", 2, 0, 1, 0, 25, 1, 320, 180,
+                                            25.0)]  # fmt: skip
+    r.clips[2].status, r.clips[2].reason = "rejected", "aspect"  # never cut: no bytes
+    row = frame_pool_row({"order": 0, "result": pickle.dumps(r)}, cfg)
+    assert all(c.data is None for c in pickle.loads(row["result"]).clips)
+    assert len(row["result"]) < len(clip_bytes) < len(row["clip_data"])
+    actor = ModelStageActor(cfg)
+    rows = [{"result": row["result"], "clip_data": row["clip_data"]}]
+    arrow = actor(pa.Table.from_pylist(rows)).to_pylist()
+    plain = actor({k: [v] for k, v in rows[0].items()})
+    assert plain["clip_data"][0] is row["clip_data"]  # untouched
+    for out in (arrow[0], {k: v[0] for k, v in plain.items()}):
+        back = result_of(out)
+        assert [c.data for c in back.clips] == [clip_bytes, clip_bytes, None]
+        assert [bool(c.caption) for c in back.clips] == [True, True, False]
+        assert back.clips[2].status == "rejected"

@@ -2,10 +2,17 @@
 multi-frame selectable; batched generation, bf16 on GPU.
 
 Throughput: in a Ray run the CPU frame pool ahead of the model actors decodes each clip's
-frames (`hdvg.frames`, shared with the other stages) and runs the image processor
-(`prepare`), so the GPU actor's process only stacks ready pixel tensors and generates, as
-a direct loop over ready tensors would. Without the pool (serial runs, `frame_pool: off`)
-CPU threads decode and process the next batches while the accelerator generates one.
+frames (`hdvg.frames`, shared with the other stages) and runs the image processor's resize
+(`prepare`), so the GPU actor's process only stacks ready uint8 tensors, normalises them on
+the device and generates, as a direct loop over ready tensors would. Without the pool
+(serial runs, `frame_pool: off`) CPU threads decode and process the next batches while the
+accelerator generates one.
+
+The processor is split where its torchvision backend allows it (transformers' fast image
+processors: resize, crop, then one fused `rescale_and_normalize`): the pool carries the
+resized uint8 image (4x smaller than float32 pixels) and the actor runs the same
+`rescale_and_normalize` on the device. The split is checked against the whole processor
+on the first image (bit for bit) and dropped, for float32 pixels, if it differs.
 
 Multi-frame (`frames: multi`): each of `n_frames` frames is captioned and the caption
 agreeing most with the others (mean word overlap) is kept: a consensus, not a summary.
@@ -14,6 +21,8 @@ agreeing most with the others (mean word overlap) is kept: a consensus, not a su
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +135,8 @@ class CaptionStage(ModelMixin, Stage):
     def prepare(self, clips: list[Clip]) -> None:
         """Pixel tensors of each clip's caption frames, computed where its frames were
         decoded (the CPU frame pool) and carried with them, so the actor's process does no
-        image work. Float32, as the processor makes them: the same captions either way."""
+        image work: uint8 resized images when the processor splits (see the module doc),
+        else float32 pixels as the processor makes them. The same captions either way."""
         if getattr(self, "processor", None) is None:  # the pool loads the processor only
             import transformers
 
@@ -136,8 +146,44 @@ class CaptionStage(ModelMixin, Stage):
             memo(c, "caption_pixels", lambda _, c=c: self._pixels(self._images(c)),
                  self.frame_spec)  # fmt: skip
 
+    # after `prepare`, `process_batch` reads only the memo it left: the frame pool may drop
+    # the decoded frames themselves before they travel to the actor
+    pool_ready = True
+
     def _pixels(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+        ip = self.processor.image_processor
+        if self._splits():
+            return ip(images, do_rescale=False, do_normalize=False,
+                      return_tensors="pt")["pixel_values"].numpy()  # fmt: skip
+        return ip(images, return_tensors="np")["pixel_values"]
+
+    def _splits(self) -> bool:
+        """Whether the processor's last step is a separate `rescale_and_normalize` giving
+        exactly the processor's own output (checked once, on a fixed image)."""
+        ok = getattr(self, "_split_ok", None)
+        if ok is None:
+            ok = False
+            ip = self.processor.image_processor
+            if getattr(ip, "backend", None) == "torchvision" or type(ip).__name__.endswith("Fast"):
+                import torch
+
+                img = np.random.default_rng(0).integers(0, 256, (90, 160, 3), np.uint8)
+                try:
+                    full = ip([img], return_tensors="pt")["pixel_values"]
+                    u8 = ip([img], do_rescale=False, do_normalize=False,
+                            return_tensors="pt")["pixel_values"]  # fmt: skip
+                    ok = u8.dtype == torch.uint8 and torch.equal(self._normalize(u8), full)
+                except (TypeError, ValueError, AttributeError):
+                    ok = False
+            self._split_ok = ok
+        return ok
+
+    def _normalize(self, u8):
+        """The processor's own last step, on whatever device `u8` is on."""
+        ip = self.processor.image_processor
+        mean, std = (tuple(v) if isinstance(v, list) else v for v in (ip.image_mean, ip.image_std))
+        return ip.rescale_and_normalize(u8, ip.do_rescale, ip.rescale_factor, ip.do_normalize,
+                                        mean, std)  # fmt: skip
 
     # --- per batch ----------------------------------------------------------------------
 
@@ -188,18 +234,36 @@ class CaptionStage(ModelMixin, Stage):
     def _generate(self, inputs) -> list[str]:
         import torch
 
+        t1 = time.perf_counter()
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        pix = inputs["pixel_values"]
+        if pix.dtype == torch.uint8:  # resized by the pool; normalised here
+            pix = self._normalize(pix)
+        inputs["pixel_values"] = pix.to(self.dtype)
+        t2 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs, max_new_tokens=self.cfg.max_new_tokens,
                 min_new_tokens=self.cfg.min_new_tokens, num_beams=self.cfg.num_beams,
                 do_sample=False,
             )  # fmt: skip
+        t3 = time.perf_counter()
         if self.cfg.prompt and out.shape[1] > inputs.get("input_ids", out).shape[1] and (
             self.cfg.backend == "blip"):  # fmt: skip
             out = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+        self.timings.update(to_device_s=t2 - t1, generate_s=t3 - t2,
+                            decode_text_s=time.perf_counter() - t3, batches=1,
+                            images=len(texts))  # fmt: skip
+        return texts
+
+    @property
+    def timings(self) -> Counter:
+        """Seconds spent per step of `_generate`, summed over calls (the benchmark's
+        breakdown of the actor: generation against everything else)."""
+        if "_timings" not in self.__dict__:
+            self._timings = Counter()
+        return self._timings
 
     def process_batch(self, clips: list[Clip], ctx: list[StageContext]) -> None:
         per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
