@@ -7,9 +7,15 @@ called directly in a loop at its best batch size.
   the same code with the Ray hops replaced by processes (Ray itself cannot be carried to
   the GPU machine): `--frame-workers` spawned processes run `pipeline.frame_pool_row`
   (the CPU frame pool: unpickle a source's row, decode each clip's middle frame, run the
-  image processor, pickle) and the main process runs `pipeline.ModelStageActor` on
-  batches of those rows as they arrive (unpickle, stack, batched generation, captions
-  written to the clips, frames dropped, pickle). Clips arrive as mp4 bytes, 4 per source.
+  image processor's resize, drop the frames, pickle) on rows they make themselves (in Ray
+  the source stage's output never passes through the actor's process), and hand each
+  result over through shared memory (/dev/shm, as Ray's object store does); the main
+  process fetches them and runs `pipeline.ModelStageActor` on batches of those rows on
+  `--actor-calls` threads, as Ray calls the actor (unpickle, stack, normalise on the
+  device, batched generation, captions written to the clips, pickle). Clips arrive as mp4
+  bytes, 4 per source. Reported beside the rate: the pool's seconds per clip and its
+  rate alone (no actor), and the actor's seconds per batch in `generate` and outside it,
+  so a run says which side binds.
 - `--pipeline inproc`: the actor decoding its own clips (`frame_pool: false`), with
   `--decode-threads` threads ahead of the generation.
 
@@ -30,9 +36,12 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -48,18 +57,25 @@ from hdvg.stages import build_stage
 from hdvg.stages.models import testing as T
 
 
-def make_results(data: bytes, n: int, per_source: int = 4) -> list[SourceResult]:
+def make_results(data: bytes, n: int, per_source: int = 4, first: int = 0,
+                 copy: bool = False) -> list[SourceResult]:  # fmt: skip
+    """`n` clips of `data`, `per_source` a source; `copy`: each clip its own bytes, as real
+    clips are (one shared object would be pickled once per source)."""
     out = []
-    for s in range(0, n, per_source):
+    for s in range(first * per_source, first * per_source + n, per_source):
         r = SourceResult(SourceRecord(f"src{s}", "bench", s))
-        for i in range(min(per_source, n - s)):
+        for i in range(min(per_source, first * per_source + n - s)):
             r.clips.append(Clip(f"src{s}_{i:04d}", f"src{s}", "bench", i, 0, 2, 0, 50, 2.0,
-                                1280, 720, 25.0, data=data))  # fmt: skip
+                                1280, 720, 25.0, data=bytes(bytearray(data)) if copy
+                                else data))  # fmt: skip
         out.append(r)
     return out
 
 
-def _pool_init(cfg) -> None:
+_W: dict = {}  # a frame-pool worker's state
+
+
+def _pool_init(cfg, data: bytes, per_source: int, shm: str) -> None:
     """A frame-pool worker's set-up (Ray's worker start): stages built, processor loaded,
     one intra-op thread as Ray gives a 1-CPU task (OMP_NUM_THREADS=1)."""
     torch.set_num_threads(1)
@@ -67,30 +83,165 @@ def _pool_init(cfg) -> None:
     for s in stages:
         s.prepare([])
     pipeline._POOL_STAGES[cfg.hash()] = stages
+    _W.update(data=data, per_source=per_source, shm=shm)
 
 
-def run_pool(cfg, st, results: list[SourceResult], workers: int, per_batch: int) -> float:
-    """Seconds for `results` through the frame pool (processes) and the model actor."""
-    actor = ModelStageActor(cfg, stages=[st])
-    rows = [{"order": i, "result": pickle.dumps(r)} for i, r in enumerate(results)]
-    ctx = mp.get_context("spawn")  # no fork of a CUDA process
-    with ctx.Pool(workers, initializer=_pool_init, initargs=(cfg,)) as pool:
-        pool.map(partial(frame_pool_row, cfg=cfg), rows[:workers])  # workers up and warm
-        sync()
+def _pool_task(i: int, cfg) -> tuple[str, float, int]:
+    """One source through the frame pool: its row made here (the source stage's output),
+    `frame_pool_row`, the result left in shared memory. (path, seconds, clips)."""
+    (r,) = make_results(_W["data"], _W["per_source"], _W["per_source"], first=i, copy=True)
+    row = {"order": i, "result": pickle.dumps(r)}
+    t0 = time.perf_counter()
+    out = frame_pool_row(row, cfg)
+    dt = time.perf_counter() - t0
+    path = f"{_W['shm']}/{i}-{os.getpid()}-{time.monotonic_ns()}"
+    for col in COLUMNS:  # a block's columns, side by side in shared memory
+        Path(f"{path}.{col}").write_bytes(out[col])
+    return path, dt, len(r.clips)
+
+
+COLUMNS = ("result", "clip_data")
+
+
+def _fetch(path: str) -> dict:
+    """The hop pool -> actor: the row's columns read out of shared memory (Ray's object
+    store maps them without even this copy)."""
+    row = {}
+    for col in COLUMNS:
+        p = Path(f"{path}.{col}")
+        row[col] = p.read_bytes()
+        p.unlink()
+    return row
+
+
+class PoolBench:
+    """The frame pool's processes, started once and warm, and the actor fed from them."""
+
+    def __init__(self, cfg, data: bytes, workers: int, per_source: int):
+        self.cfg, self.workers, self.per_source = cfg, workers, per_source
+        self.shm = tempfile.mkdtemp(prefix="hdvg-pool-", dir="/dev/shm" if
+                                    Path("/dev/shm").is_dir() else None)  # fmt: skip
+        ctx = mp.get_context("spawn")  # no fork of a CUDA process
+        self.pool = ctx.Pool(workers, initializer=_pool_init,
+                             initargs=(cfg, data, per_source, self.shm))  # fmt: skip
+        self.task = partial(_pool_task, cfg=cfg)
+        self.pool_s: list[float] = []
+        self.row_bytes: list[int] = []
+        self.next = 0
+        for path, _, _ in self.pool.map(self.task, range(2 * workers), chunksize=1):
+            _fetch(path)  # workers up and warm
+
+    def sources(self, n_clips: int) -> range:
+        n = -(-n_clips // self.per_source)
+        self.next += n
+        return range(self.next - n, self.next)
+
+    def pool_only(self, n_clips: int) -> float:
+        """Clips/s the pool alone supplies (results fetched and thrown away)."""
         t0 = time.perf_counter()
-        buf, done = [], []
-        for row in pool.imap(partial(frame_pool_row, cfg=cfg), rows, chunksize=1):
-            buf.append(row["result"])
-            if len(buf) == per_batch:
-                done += actor({"result": buf})["result"]
-                buf = []
-        if buf:
-            done += actor({"result": buf})["result"]
-        sync()
-        dt = time.perf_counter() - t0
-    back = [pickle.loads(b) for b in done]
-    assert all(c.caption and c.frames is None for r in back for c in r.clips)
-    return dt
+        n = 0
+        for path, _, k in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
+            _fetch(path)
+            n += k
+        return n / (time.perf_counter() - t0)
+
+    def run(self, actor, n_clips: int, per_batch: int, calls: int) -> tuple[float, list]:
+        """Seconds for `n_clips` through the pool and the actor; the results' rows."""
+        done: list = []
+        inflight: deque = deque()
+        with ThreadPoolExecutor(calls, thread_name_prefix="actor-call") as ex:
+            sync()
+            t0 = time.perf_counter()
+            buf = []
+
+            def collect():
+                out = inflight.popleft().result()
+                done.extend(dict(zip(COLUMNS, r, strict=True))
+                            for r in zip(*(out[c] for c in COLUMNS), strict=True))  # fmt: skip
+
+            for path, dt, k in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
+                row = _fetch(path)
+                self.pool_s.append(dt / k)
+                self.row_bytes.append((len(row["result"]) / k, len(row["clip_data"]) / k))
+                buf.append(row)
+                if len(buf) == per_batch:
+                    while len(inflight) > calls:  # Ray's tasks in flight per actor
+                        collect()
+                    batch = {c: [r[c] for r in buf] for c in COLUMNS}
+                    inflight.append(ex.submit(actor, batch))
+                    buf = []
+            if buf:
+                inflight.append(ex.submit(actor, {c: [r[c] for r in buf] for c in COLUMNS}))
+            while inflight:
+                collect()
+            sync()
+            dt = time.perf_counter() - t0
+        return dt, done
+
+    def close(self) -> None:
+        self.pool.terminate()
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
+def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
+             calls: list[int], per_source: int = 4) -> list[dict]:  # fmt: skip
+    """The pipeline behind the frame pool, once per actor-calls value on the same warm
+    pool; rates and the breakdown of both sides."""
+    pb = PoolBench(cfg, data, workers, per_source)
+    out = []
+    try:
+        pool_only = pb.pool_only(min(n_clips, 512))
+        for c in calls:
+            actor = ModelStageActor(cfg, stages=[st])
+            pb.run(actor, per_batch * per_source, per_batch, c)  # warm-up: one batch
+            actor.timings.clear()
+            st.timings.clear()
+            pb.pool_s.clear()
+            pb.row_bytes.clear()
+            dt, done = pb.run(actor, n_clips, per_batch, c)
+            out.append(_pool_result(pb, actor, st, dt, done, workers, c, pool_only))
+    finally:
+        pb.close()
+    return out
+
+
+def _pool_result(pb, actor, st, dt, done, workers, calls, pool_only) -> dict:
+    back = [pipeline.result_of(row) for row in done]
+    assert all(c.caption and c.frames is None and c.data for r in back for c in r.clips)
+    n = sum(len(r.clips) for r in back)
+    a, g = actor.timings, st.timings
+    calls_n = max(1, a["calls"])
+    per_clip = sum(pb.pool_s) / max(1, len(pb.pool_s))
+    frames_s = sum(r.source.timings.get("frames", 0.0) for r in back) / n
+    other = a["process_s"] - g["generate_s"] - g["to_device_s"] - g["decode_text_s"]
+    row_mb, data_mb = (sum(b[i] for b in pb.row_bytes) / len(pb.row_bytes) / 1e6 for i in (0, 1))
+    return {
+        "captions_per_s": n / dt,
+        "frame_workers": workers,
+        "actor_calls": calls,
+        "pool": {
+            "s_per_clip": round(per_clip, 4),  # frame_pool_row: unpickle, decode, resize, pickle
+            "frames_s_per_clip": round(frames_s, 4),  # of which decode + prepare
+            "capacity_clips_per_s": round(workers / per_clip, 1),
+            "alone_clips_per_s": round(pool_only, 1),  # measured, no actor
+            # what the actor unpickles, and the mp4 bytes it passes on untouched
+            "row_mb_per_clip": round(row_mb, 3),
+            "clip_data_mb_per_clip": round(data_mb, 3),
+        },
+        "actor": {  # seconds per call (one batch), summed over threads, / calls
+            "batches": a["calls"],
+            "images_per_batch": round(g["images"] / calls_n, 1),
+            "generate_s": round(g["generate_s"] / calls_n, 4),
+            "to_device_s": round(g["to_device_s"] / calls_n, 4),
+            "decode_text_s": round(g["decode_text_s"] / calls_n, 4),
+            "process_other_s": round(other / calls_n, 4),  # batching, captions onto clips
+            "unpickle_s": round(a["unpickle_s"] / calls_n, 4),
+            "pickle_s": round(a["pickle_s"] / calls_n, 4),
+            "lock_wait_s": round(a["lock_wait_s"] / calls_n, 4),
+            # the device's share of the wall clock: 1.0 = generate never waits for the CPU
+            "generate_busy": round(g["generate_s"] / dt, 3),
+        },
+    }
 
 
 def sync():
@@ -108,7 +259,9 @@ def main() -> int:
     ap.add_argument("--decode-threads", type=int, default=4, help="--pipeline inproc")
     ap.add_argument("--pipeline", choices=["pool", "inproc", "both"], default="pool")
     ap.add_argument("--inproc-clips", type=int, default=512, help="clips for --pipeline inproc")
-    ap.add_argument("--frame-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--frame-workers", default=str(max(1, (os.cpu_count() or 2) - 2)),
+                    help="frame-pool processes; a list runs the pool pipeline once per value")  # fmt: skip
+    ap.add_argument("--actor-calls", default="2", help="models.actor_calls; a list: each")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
@@ -175,13 +328,18 @@ def main() -> int:
         assert all(c.caption is not None for r in results for c in r.clips)
         pipe["inproc"] = n / dt
         print(f"stage, decoding in the actor: {pipe['inproc']:.1f} captions/s", file=sys.stderr)
+    pools = []
     if a.pipeline in ("pool", "both"):
-        run_pool(cfg, st, make_results(data, best_b, per_source), 1, best_b // per_source)
-        dt = run_pool(cfg, st, make_results(data, a.clips, per_source), a.frame_workers,
-                      max(1, best_b // per_source))  # fmt: skip
-        pipe["pool"] = a.clips / dt
-        print(f"stage behind the frame pool ({a.frame_workers} processes): "
-              f"{pipe['pool']:.1f} captions/s", file=sys.stderr)  # fmt: skip
+        calls = [int(v) for v in a.actor_calls.split(",")]
+        for w in (int(v) for v in a.frame_workers.split(",")):
+            for r in run_pool(cfg, st, data, a.clips, w, max(1, best_b // per_source), calls,
+                              per_source):  # fmt: skip
+                pools.append(r)
+                key = f"pool{w}x{r['actor_calls']}"
+                pipe[key] = r["captions_per_s"]
+                print(f"frame pool ({w} processes), {r['actor_calls']} actor calls: "
+                      f"{pipe[key]:.1f} captions/s; "
+                      f"{json.dumps({k: r[k] for k in ('pool', 'actor')})}", file=sys.stderr)  # fmt: skip
     best_pipe = max(pipe, key=pipe.get)
     res = {
         "benchmark": "caption", "shape": a.shape, "tokens": a.tokens, "clips": a.clips,
@@ -192,6 +350,8 @@ def main() -> int:
         "pipeline_captions_per_s": {k: round(v, 2) for k, v in pipe.items()},
         "ratio": {k: round(v / direct[best_b], 3) for k, v in pipe.items()},
         "best_pipeline": best_pipe, "frame_workers": a.frame_workers,
+        "pool_runs": [{k: (round(v, 2) if k == "captions_per_s" else v) for k, v in p.items()}
+                      for p in pools],
         "decode_threads": a.decode_threads, "cpus": os.cpu_count(),
     }  # fmt: skip
     print(json.dumps(res, indent=2))

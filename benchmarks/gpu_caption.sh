@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Caption stage vs the direct model loop on one GPU, < 170 s (issue 3's >= 90% target):
+# BLIP-2 OPT-2.7B shape, random bf16 weights, 30 fixed tokens, batch 128 (the H100's best:
+# 217 captions/s, against 115 at 64). The stage runs behind the CPU frame pool as in a Ray
+# run (nproc-2 spawned pool processes, rows handed over through /dev/shm), with the model
+# actor called on 1 then 2 threads (`models.actor_calls`) on the same warm pool. Beside each
+# rate, $OUT/models_bench.json says which side binds: the pool's seconds per clip and its
+# rate alone, and the actor's seconds per batch in `generate` and outside it.
+# Needs torch + transformers; av and the test clip travel in .whl/ (see gpu_all.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./bench_out}"
+BUDGET="${BUDGET:-170}"  # seconds for the whole script
+mkdir -p "$OUT"
+JSON="$OUT/models_bench.json"
+rm -f "$JSON"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import av" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+CLIP=""; [ -f .whl/clip720.mp4 ] && CLIP="--clip .whl/clip720.mp4"
+WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+timeout $((BUDGET - SECONDS - 5)) python3 benchmarks/bench_caption.py --shape opt-2.7b \
+  --clips 1536 --batch-sizes 128 --tokens 30 --size 1280x720 --pipeline pool \
+  --frame-workers "$WORKERS" --actor-calls 1,2 $CLIP --out "$JSON" 2>&1 >/dev/null \
+  | grep -v -i warning | tail -25  # progress and errors; the JSON is printed below
+rc=${PIPESTATUS[0]}
+if [ ! -f "$JSON" ]; then
+  echo "caption bench failed or timed out: rc=$rc"
+  echo "{\"benchmark\": \"caption\", \"error\": \"bench_caption.py rc=$rc after ${SECONDS}s\"}" > "$JSON"
+fi
+echo "results: $JSON (${SECONDS}s)"
+cat "$JSON"
