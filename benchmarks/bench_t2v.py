@@ -96,13 +96,20 @@ def bench_model(args, results: list[dict]) -> list[dict]:
             def step(fwd=fwd, opt=opt, x=x, t=t, text=text):
                 train_step(fwd, opt, x, t, text, device)
 
+            def stage(name: str, row=row) -> None:  # saved, so a killed run says where it was
+                row["stage"] = name
+                args.save()
+
+            results.append(row)
             try:
                 if compiled:  # the first step compiles: time it apart, under a guard
+                    stage("compile")
                     t0 = time.perf_counter()
                     with time_limit(args.compile_timeout):
                         step()
                         sync(device)
                     row["compile_s"] = time.perf_counter() - t0
+                stage("warmup")
                 t_warm = time.perf_counter()
                 for _ in range(args.warmup):
                     step()
@@ -110,13 +117,12 @@ def bench_model(args, results: list[dict]) -> list[dict]:
                 row["warmup_s"] = time.perf_counter() - t_warm
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                stage("timed steps")
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     step()
                 sync(device)
                 dt = (time.perf_counter() - t0) / args.steps
-                if args.profile and device.type == "cuda":
-                    row |= profile_steps(step, device, f"{args.profile}.{kind}.txt")
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as e:  # inductor wraps the timeout in its own error
@@ -125,7 +131,6 @@ def bench_model(args, results: list[dict]) -> list[dict]:
                 row["error"] = f"compile did not finish in {args.compile_timeout} s"
             if "error" in row:
                 print(json.dumps(row), flush=True)
-                results.append(row)
                 args.save()
                 x = t = text = None
                 opt.zero_grad(set_to_none=True)
@@ -142,8 +147,10 @@ def bench_model(args, results: list[dict]) -> list[dict]:
             if device.type == "cuda":
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             print(json.dumps(row), flush=True)
-            results.append(row)
-            args.save()  # a later step may be killed by its timeout: keep what is measured
+            if args.profile and device.type == "cuda":
+                stage("profile")  # the timing above is saved first
+                row |= profile_steps(step, device, f"{args.profile}.{kind}.txt")
+            stage("done")
         model = opt = fwd = None  # free before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
