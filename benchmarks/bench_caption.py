@@ -114,13 +114,21 @@ def _fetch(path: str) -> dict:
     return row
 
 
+def _shm_dir() -> str | None:
+    """/dev/shm when it has room for a run's rows (containers often give it 64 MB; the
+    pool may run ahead of the actor by the whole run), else the system's temp folder."""
+    try:
+        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > 8 * 1024**3 else None
+    except OSError:
+        return None
+
+
 class PoolBench:
     """The frame pool's processes, started once and warm, and the actor fed from them."""
 
     def __init__(self, cfg, data: bytes, workers: int, per_source: int):
         self.cfg, self.workers, self.per_source = cfg, workers, per_source
-        self.shm = tempfile.mkdtemp(prefix="hdvg-pool-", dir="/dev/shm" if
-                                    Path("/dev/shm").is_dir() else None)  # fmt: skip
+        self.shm = tempfile.mkdtemp(prefix="hdvg-pool-", dir=_shm_dir())
         ctx = mp.get_context("spawn")  # no fork of a CUDA process
         self.pool = ctx.Pool(workers, initializer=_pool_init,
                              initargs=(cfg, data, per_source, self.shm))  # fmt: skip
@@ -184,11 +192,10 @@ class PoolBench:
 
 
 def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
-             calls: list[int], per_source: int = 4) -> list[dict]:  # fmt: skip
+             calls: list[int], per_source: int = 4):  # fmt: skip
     """The pipeline behind the frame pool, once per actor-calls value on the same warm
-    pool; rates and the breakdown of both sides."""
+    pool; yields the rates and the breakdown of both sides of each."""
     pb = PoolBench(cfg, data, workers, per_source)
-    out = []
     try:
         pool_only = pb.pool_only(min(n_clips, 512))
         for c in calls:
@@ -199,10 +206,9 @@ def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
             pb.pool_s.clear()
             pb.row_bytes.clear()
             dt, done = pb.run(actor, n_clips, per_batch, c)
-            out.append(_pool_result(pb, actor, st, dt, done, workers, c, pool_only))
+            yield _pool_result(pb, actor, st, dt, done, workers, c, pool_only)
     finally:
         pb.close()
-    return out
 
 
 def _pool_result(pb, actor, st, dt, done, workers, calls, pool_only) -> dict:
@@ -310,6 +316,7 @@ def main() -> int:
         direct[b] = reps * b / (time.perf_counter() - t0)
         print(f"direct batch {b}: {direct[b]:.1f} captions/s", file=sys.stderr)
     best_b = max(direct, key=direct.get)
+    report(a, direct, best_b, {}, [])
 
     st.cfg.batch_size = best_b
     params["batch_size"] = best_b
@@ -327,6 +334,7 @@ def main() -> int:
         dt = time.perf_counter() - t0
         assert all(c.caption is not None for r in results for c in r.clips)
         pipe["inproc"] = n / dt
+        report(a, direct, best_b, pipe, [])
         print(f"stage, decoding in the actor: {pipe['inproc']:.1f} captions/s", file=sys.stderr)
     pools = []
     if a.pipeline in ("pool", "both"):
@@ -337,10 +345,17 @@ def main() -> int:
                 pools.append(r)
                 key = f"pool{w}x{r['actor_calls']}"
                 pipe[key] = r["captions_per_s"]
+                report(a, direct, best_b, pipe, pools)
                 print(f"frame pool ({w} processes), {r['actor_calls']} actor calls: "
                       f"{pipe[key]:.1f} captions/s; "
                       f"{json.dumps({k: r[k] for k in ('pool', 'actor')})}", file=sys.stderr)  # fmt: skip
-    best_pipe = max(pipe, key=pipe.get)
+    report(a, direct, best_b, pipe, pools, final=True)
+    return 0
+
+
+def report(a, direct: dict, best_b: int, pipe: dict, pools: list, final: bool = False) -> None:
+    """The result so far, to --out (rewritten after each part: a run cut short by its
+    timeout keeps what it measured) and, at the end, to stdout."""
     res = {
         "benchmark": "caption", "shape": a.shape, "tokens": a.tokens, "clips": a.clips,
         "clip_size": a.size, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -349,16 +364,17 @@ def main() -> int:
         "direct_best_batch": best_b, "direct_best_captions_per_s": round(direct[best_b], 2),
         "pipeline_captions_per_s": {k: round(v, 2) for k, v in pipe.items()},
         "ratio": {k: round(v / direct[best_b], 3) for k, v in pipe.items()},
-        "best_pipeline": best_pipe, "frame_workers": a.frame_workers,
+        "best_pipeline": max(pipe, key=pipe.get) if pipe else None,
+        "frame_workers": a.frame_workers,
         "pool_runs": [{k: (round(v, 2) if k == "captions_per_s" else v) for k, v in p.items()}
                       for p in pools],
-        "decode_threads": a.decode_threads, "cpus": os.cpu_count(),
+        "decode_threads": a.decode_threads, "cpus": os.cpu_count(), "complete": final,
     }  # fmt: skip
-    print(json.dumps(res, indent=2))
+    if final:
+        print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
