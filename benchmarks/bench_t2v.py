@@ -1,7 +1,7 @@
 """t2v benchmarks: U-Net training step (time, samples/s, MFU, peak memory) and loader throughput.
 
     python benchmarks/bench_t2v.py model  [--batch 4 8 12 16] [--ckpt [layer|attention|block]]
-        [--compile [full|regional] [--compile-timeout 120]] [--channels-last]
+        [--compile [full|regional|norms] [--compile-timeout 120]] [--channels-last]
         [--baseline [--baseline-batch 8]] [--profile PREFIX] [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
 
@@ -11,7 +11,8 @@ iteration. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on 
 forward+backward (matmuls, convs and SDPA; no recompute); MFU = FLOPs / step time / the
 chip's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). ``--baseline`` also times diffusers'
 ``UNet3DConditionModel`` at the same widths. A batch sweep stops at the first out-of-memory
-batch. ``--compile``: the whole U-Net, or ``regional``: each block apart (``unet.compile_regions``);
+batch. ``--compile``: the whole U-Net, ``regional``: each block apart (``unet.compile_regions``), or
+``norms``: only the group / layer norms (``layers.compile_norms``), the rest eager;
 the first (compiling) step is timed apart as ``compile_s`` and given up after
 ``--compile-timeout`` s. ``--channels-last``: NHWC weights and input (``unet.to_channels_last``).
 ``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
@@ -86,6 +87,10 @@ def bench_model(args, results: list[dict]) -> list[dict]:
             from hdvg.t2v.unet import compile_regions
 
             compile_regions(model, backend=args.compile_backend)
+        elif compiled == "norms":  # the norms alone; the rest stays eager
+            from hdvg.t2v.layers import compile_norms
+
+            compile_norms(backend=args.compile_backend)
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
@@ -395,8 +400,8 @@ def main() -> int:
         nargs="?",
         const="full",
         default=None,
-        choices=["full", "regional"],
-        help="torch.compile the whole U-Net (default) or each block apart (regional)",
+        choices=["full", "regional", "norms"],
+        help="torch.compile the whole U-Net (default), each block apart, or the norms alone",
     )
     p.add_argument("--compile-timeout", type=float, default=120, help="seconds for compiling")
     p.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check")

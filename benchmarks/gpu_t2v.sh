@@ -2,8 +2,10 @@
 # t2v GPU check, <= 300 s on one H100: gpu-marked tests, then the training step at the paper-like
 # size (16x256x256 -> latent 16x32x32, SD-2.x widths, bf16 autocast, AdamW), batch 4, three ways:
 #   A. eager, NCHW (the baseline: 0.473 s/step, 13.6 % MFU last time)
-#   B. eager, channels-last (NHWC convs, temporal convs as (3,1) Conv2d; eager norms still copy)
-#   C. channels-last + regional torch.compile (each block compiled apart; compile_s reported)
+#   B. (run last) channels-last (NHWC convs, temporal convs as (3,1) Conv2d) + only the norms
+#      compiled (fused norm+SiLU in NHWC; CUDA's eager group norm copies to NCHW and back)
+#   C. (run second) channels-last + regional torch.compile (each block compiled apart;
+#      compile_s reported)
 # Each run also profiles 2 steps: GPU ms by kernel kind (conv/gemm/attention/norm/layout/...)
 # in the JSON, full kernel tables in $OUT/t2v_profile_<run>.hdvg.txt.
 # Every run has its own `timeout` and writes each row to $OUT/t2v_bench.json as it is measured,
@@ -27,18 +29,27 @@ timeout 40 python -m pytest tests/t2v -m gpu -q -p no:cacheprovider 2>&1 | tail 
 timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
   || echo "eager bench failed or timed out: rc=$?"
 
-# 3. B: eager channels-last, profiled (~35 s)
-timeout 50 $BENCH --steps 6 --warmup 2 --channels-last --profile "$OUT/t2v_profile_cl" \
-  || echo "channels-last bench failed or timed out: rc=$?"
-
-# 4. C: channels-last + regional compile with what is left (~30 graphs; compile_s apart)
-left=$((BUDGET - SECONDS - 10))
+# 3. C: channels-last + regional compile, with all that is left but B's 90 s (~30 graphs;
+#    compile_s apart). Before B: the larger possible gain, and the one that needs the time.
+left=$((BUDGET - SECONDS - 90))
 if [ "$left" -gt 60 ]; then
   timeout "$left" $BENCH --steps 5 --warmup 1 --channels-last --compile regional \
     --compile-timeout $((left - 35)) --profile "$OUT/t2v_profile_cl_regional" \
     || echo "regional compile bench failed or timed out: rc=$?"
 else
   echo "skipping regional compile: ${left}s left of ${BUDGET}s"
+fi
+
+# 4. B: channels-last + compiled norms, profiled (~60 s: ~15-20 small graphs, one per norm
+#    rank / channel count / layout, dynamic otherwise)
+left=$((BUDGET - SECONDS - 3))
+if [ "$left" -gt 40 ]; then
+  timeout "$((left < 88 ? left : 88))" $BENCH --steps 6 --warmup 2 --channels-last \
+    --compile norms --compile-timeout $((left < 88 ? left - 30 : 58)) \
+    --profile "$OUT/t2v_profile_cl_norms" \
+    || echo "channels-last + norms bench failed or timed out: rc=$?"
+else
+  echo "skipping channels-last + norms: ${left}s left of ${BUDGET}s"
 fi
 
 echo "results: $JSON (${SECONDS}s)"

@@ -144,7 +144,8 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     # true / "full": torch.compile the whole U-Net; "regional": each block apart (compiles in
-    # a fraction of the time; unet.compile_regions); false: eager
+    # a fraction of the time; unet.compile_regions); "norms": only the norms
+    # (layers.compile_norms), the rest eager; false: eager
     compile: bool | str = False
     # train only the new modules (swap attention) and keep the loaded base frozen
     train_only_new: bool = False
@@ -154,8 +155,8 @@ class TrainConfig:
             raise ConfigError("train.precision must be bf16 or fp32")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError("train.prediction_type must be epsilon or v_prediction")
-        if self.compile not in (True, False, "full", "regional"):
-            raise ConfigError("train.compile must be true, false, full or regional")
+        if self.compile not in (True, False, "full", "regional", "norms"):
+            raise ConfigError("train.compile must be true, false, full, regional or norms")
 
 
 @dataclass

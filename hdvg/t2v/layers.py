@@ -98,22 +98,37 @@ def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool) -> torch
     else:
         nd = out_dtype = x.dtype
     with torch.autocast(dev, enabled=False):
-        if torch.compiler.is_compiling():
-            return _plain_norm(x, weight, bias, spec, silu, nd, out_dtype)
+        if torch.compiler.is_compiling() or _compiled_norm is not None:
+            fn = _plain_norm if torch.compiler.is_compiling() else _compiled_norm
+            groups = spec[4] if spec[0] == "group" else 0  # 0: layer norm over the last dim
+            return fn(x, weight, bias, groups, spec[-1], silu, nd, out_dtype)
         return _Norm.apply(x, weight, bias, spec, silu, nd, out_dtype)
 
 
-def _plain_norm(x, weight, bias, spec, silu, nd, out_dtype):
+def _plain_norm(x, weight, bias, groups: int, eps: float, silu: bool, nd, out_dtype):
     """The same numbers as :class:`_Norm` from plain ops, for torch.compile: inductor fuses the
     casts, the norm and the SiLU into one kernel for any memory layout (channels-last too,
     where CUDA's eager group norm copies to NCHW), and its partitioner chooses what backward
     keeps and what it recomputes, so the custom backward has nothing left to add there."""
     w, b = _up(weight, nd), _up(bias, nd)
-    if spec[0] == "group":
-        y = F.group_norm(x.to(nd), spec[4], w, b, spec[5])
+    if groups:
+        y = F.group_norm(x.to(nd), groups, w, b, eps)
     else:
-        y = F.layer_norm(x.to(nd), spec[1], w, b, spec[2])
+        y = F.layer_norm(x.to(nd), x.shape[-1:], w, b, eps)
     return (F.silu(y) if silu else y).to(out_dtype)
+
+
+_compiled_norm = None  # set by compile_norms
+
+
+def compile_norms(enable: bool = True, **compile_kwargs) -> None:
+    """Run every group / layer norm (+ SiLU) of an otherwise eager model through one
+    ``torch.compile``-d function: the norms fused into a kernel or two each, in any memory
+    layout, for a few graphs' compile time (``dynamic=True``: one graph serves every shape).
+    ``enable=False`` goes back to :class:`_Norm`."""
+    global _compiled_norm
+    compile_kwargs.setdefault("dynamic", True)
+    _compiled_norm = torch.compile(_plain_norm, **compile_kwargs) if enable else None
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:

@@ -392,3 +392,29 @@ def test_compiled_blocks_match_eager():
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     n = compile_regions(model, backend="aot_eager")
     assert n == sum(isinstance(m, REGION_TYPES) for m in model.modules()) > 0
+
+
+def test_compiled_norms_match_eager():
+    """``compile_norms``: the whole U-Net's norms through one compiled function (aot_eager
+    here) give eager's values and gradients, NCHW and channels-last."""
+    from hdvg.t2v.layers import compile_norms
+    from hdvg.t2v.unet import to_channels_last
+
+    model = _lively_tiny_unet()
+    x, text = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 3, 32)
+    want = model(x, 10, text)
+    want.square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    to_channels_last(model)
+    x_cl = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    compile_norms(backend="aot_eager")
+    try:
+        for inp in (x, x_cl):
+            model.zero_grad()
+            got = model(inp, 10, text)
+            got.square().mean().backward()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for a, p in zip(ref, model.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+    finally:
+        compile_norms(False)
