@@ -37,6 +37,7 @@ import os
 import pickle
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -153,8 +154,11 @@ class PoolBench:
             n += k
         return n / (time.perf_counter() - t0)
 
-    def run(self, actor, n_clips: int, per_batch: int, calls: int) -> tuple[float, list]:
-        """Seconds for `n_clips` through the pool and the actor; the results' rows."""
+    def run(self, actor, n_clips: int, per_batch: int, calls: int) -> tuple[float, float, list]:
+        """Seconds for `n_clips` through the pool and the actor; the rate once the pipeline
+        is full (clips after the first batch over the time after it: the pool's fill time
+        left out, as a long run amortises it); the results' rows."""
+        finished: list[float] = []  # when each actor call ended
         done: list = []
         inflight: deque = deque()
         with ThreadPoolExecutor(calls, thread_name_prefix="actor-call") as ex:
@@ -177,14 +181,17 @@ class PoolBench:
                         collect()
                     batch = {c: [r[c] for r in buf] for c in COLUMNS}
                     inflight.append(ex.submit(actor, batch))
+                    inflight[-1].add_done_callback(lambda _: finished.append(time.perf_counter()))
                     buf = []
             if buf:
                 inflight.append(ex.submit(actor, {c: [r[c] for r in buf] for c in COLUMNS}))
             while inflight:
                 collect()
             sync()
-            dt = time.perf_counter() - t0
-        return dt, done
+            t1 = time.perf_counter()
+        n_first = per_batch * self.per_source
+        steady = (n_clips - n_first) / (t1 - finished[0]) if len(finished) > 1 else 0.0
+        return t1 - t0, steady, done
 
     def close(self) -> None:
         self.pool.terminate()
@@ -205,8 +212,10 @@ def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
             st.timings.clear()
             pb.pool_s.clear()
             pb.row_bytes.clear()
-            dt, done = pb.run(actor, n_clips, per_batch, c)
-            yield _pool_result(pb, actor, st, dt, done, workers, c, pool_only)
+            dt, steady, done = pb.run(actor, n_clips, per_batch, c)
+            res = _pool_result(pb, actor, st, dt, done, workers, c, pool_only)
+            res["steady_captions_per_s"] = steady
+            yield res
     finally:
         pb.close()
 
@@ -256,6 +265,8 @@ def sync():
 
 
 def main() -> int:
+    # a timeout's SIGTERM unwinds: the frame pool's processes are ended on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["tiny", "opt-2.7b"], default="tiny")
     ap.add_argument("--clips", type=int, default=96)
@@ -268,6 +279,8 @@ def main() -> int:
     ap.add_argument("--frame-workers", default=str(max(1, (os.cpu_count() or 2) - 2)),
                     help="frame-pool processes; a list runs the pool pipeline once per value")  # fmt: skip
     ap.add_argument("--actor-calls", default="2", help="models.actor_calls; a list: each")
+    ap.add_argument("--pool-runs", default=None,
+                    help="instead of the two above: WORKERSxCALLS,... e.g. 14x1,14x2,15x2")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
@@ -338,16 +351,24 @@ def main() -> int:
         print(f"stage, decoding in the actor: {pipe['inproc']:.1f} captions/s", file=sys.stderr)
     pools = []
     if a.pipeline in ("pool", "both"):
-        calls = [int(v) for v in a.actor_calls.split(",")]
-        for w in (int(v) for v in a.frame_workers.split(",")):
+        runs: dict[int, list[int]] = {}  # workers -> actor calls, in the order given
+        if a.pool_runs:
+            for wc in a.pool_runs.split(","):
+                w, c = (int(v) for v in wc.split("x"))
+                runs.setdefault(w, []).append(c)
+        else:
+            for w in a.frame_workers.split(","):
+                runs[int(w)] = [int(c) for c in a.actor_calls.split(",")]
+        for w, calls in runs.items():
             for r in run_pool(cfg, st, data, a.clips, w, max(1, best_b // per_source), calls,
                               per_source):  # fmt: skip
                 pools.append(r)
                 key = f"pool{w}x{r['actor_calls']}"
                 pipe[key] = r["captions_per_s"]
+                pipe[key + "_steady"] = r["steady_captions_per_s"]
                 report(a, direct, best_b, pipe, pools)
                 print(f"frame pool ({w} processes), {r['actor_calls']} actor calls: "
-                      f"{pipe[key]:.1f} captions/s; "
+                      f"{pipe[key]:.1f} captions/s ({pipe[key + '_steady']:.1f} once full); "
                       f"{json.dumps({k: r[k] for k in ('pool', 'actor')})}", file=sys.stderr)  # fmt: skip
     report(a, direct, best_b, pipe, pools, final=True)
     return 0
@@ -366,8 +387,8 @@ def report(a, direct: dict, best_b: int, pipe: dict, pools: list, final: bool = 
         "ratio": {k: round(v / direct[best_b], 3) for k, v in pipe.items()},
         "best_pipeline": max(pipe, key=pipe.get) if pipe else None,
         "frame_workers": a.frame_workers,
-        "pool_runs": [{k: (round(v, 2) if k == "captions_per_s" else v) for k, v in p.items()}
-                      for p in pools],
+        "pool_runs": [{k: (round(v, 2) if k.endswith("captions_per_s") else v)
+                       for k, v in p.items()} for p in pools],
         "decode_threads": a.decode_threads, "cpus": os.cpu_count(), "complete": final,
     }  # fmt: skip
     if final:
