@@ -1,6 +1,7 @@
 """Wall time of `hdvg curate pipelines/smoke.yaml` against a plain ffmpeg decode floor.
 
     python benchmarks/bench_curate.py --minutes 10 --files 6 --workdir bench_out/curate
+    python benchmarks/bench_curate.py --minutes 10 --files 6 --copies 3   # 30 minutes
 
 Makes `--files` 720p H.264 sources (shots of 3-9 s from moving lavfi sources, keyframes
 at cuts as scene-aware encoders place them; cached in --workdir), then, in the same run:
@@ -80,10 +81,24 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default="bench_out/curate")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="curate K hard-linked copies of the sources (K x the footage; each "
+                         "copy is its own source, decoded in full by both sides)")  # fmt: skip
     a = ap.parse_args()
     wd = Path(a.workdir)
     src = wd / "sources"
     paths = make_sources(src, a.minutes, a.files)
+    if a.copies > 1:
+        src = wd / f"sources_x{a.copies}"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        linked = []
+        for k in range(a.copies):
+            for p in paths:
+                q = src / f"{p.stem}_c{k}{p.suffix}"
+                os.link(p, q)
+                linked.append(q)
+        paths = linked
     floors, hdvgs = [], []
     for _ in range(a.repeats):  # interleaved, so drift on a shared machine hits both
         floors.append(floor_decode(paths))
@@ -94,6 +109,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "source_minutes": round(sum(media_duration(p) for p in paths) / 60, 2),
         "files": len(paths),
+        "copies": a.copies,
         "floor_s": [round(x, 2) for x in floors],
         "hdvg_s": [round(x, 2) for x in hdvgs],
         "ratio_best": round(min(hdvgs) / min(floors), 3),
