@@ -225,13 +225,13 @@ def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -
 
 
 KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuDNN conv kernels say "gemm" too
+    ("triton (fused)", ("triton",)),  # inductor names them after their ops: "..._convolution_..."
     ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
     ("norm", ("norm", "welford", "moments")),
     ("layout", ("copy", "transpose", "nchwtonhwc", "nhwctonchw", "cat", "permute")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("triton (fused)", ("triton",)),
 ]
 
 
