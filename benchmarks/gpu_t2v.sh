@@ -29,7 +29,7 @@ timeout 40 python -m pytest tests/t2v -m gpu -q -p no:cacheprovider 2>&1 | tail 
 timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
   || echo "eager bench failed or timed out: rc=$?"
 
-# 3. C: channels-last + regional compile, with all that is left but B's 90 s (~30 graphs;
+# 3. C: channels-last + regional compile, with all that is left but B's 90 s (34 graphs;
 #    compile_s apart). Before B: the larger possible gain, and the one that needs the time.
 left=$((BUDGET - SECONDS - 90))
 if [ "$left" -gt 60 ]; then
