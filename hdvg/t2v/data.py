@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from hdvg.t2v.config import DataConfig
 
@@ -288,6 +288,23 @@ class StreamState:
         }
 
 
+def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch loader items. With ``use_latents`` a batch can mix clips that carry stored latents
+    with clips curated before the ``latents`` stage existed (mp4 only): the latents clips come
+    first, so ``batch["latents"]`` holds the first ``len(batch["latents"])`` samples and
+    ``batch["video"]`` the rest, and every per-sample field (caption, key, ...) is in that
+    order."""
+    if all("latents" in it for it in items) or not any("latents" in it for it in items):
+        return default_collate(items)
+    items = sorted(items, key=lambda it: "latents" not in it)  # stable: order kept per group
+    split = sum("latents" in it for it in items)
+    common = [{k: v for k, v in it.items() if k not in ("latents", "video")} for it in items]
+    batch = default_collate(common)
+    batch["latents"] = torch.stack([it["latents"] for it in items[:split]])
+    batch["video"] = torch.stack([it["video"] for it in items[split:]])
+    return batch
+
+
 def make_loader(
     dataset: ShardClips, cfg: DataConfig, pin_memory: bool = False, seed: int = 0
 ) -> DataLoader:
@@ -296,6 +313,7 @@ def make_loader(
         dataset,
         generator=torch.Generator().manual_seed(seed),
         batch_size=cfg.batch_size,
+        collate_fn=collate_clips,
         num_workers=cfg.num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if cfg.num_workers else None,

@@ -360,13 +360,15 @@ def main(
         b = len(batch["caption"])
 
         with torch.no_grad():
+            parts = []  # stored latents first, then the clips encoded here (collate_clips)
             if "latents" in batch:
-                latents = batch["latents"].to(device).float()  # (B, c, F, h, w)
-                check_latents(latents.shape, cfg, vae)
-            else:
-                video = to_model_range(batch["video"].to(device, non_blocking=True))  # (B,3,F,H,W)
+                parts.append(batch["latents"].to(device).float())  # (Bl, c, F, h, w)
+                check_latents(parts[0].shape, cfg, vae)
+            if "video" in batch:
+                video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
                 with autocast(device, tc.precision):
-                    latents = vae.encode(video, generator=gen)  # (B, c, F, h, w)
+                    parts.append(vae.encode(video, generator=gen))  # (Bv, c, F, h, w)
+            latents = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, c, F, h, w)
             drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout
             captions = [
                 "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)

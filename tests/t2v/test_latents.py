@@ -111,6 +111,34 @@ def test_training_reads_stored_latents(latents_out, tiny_vae_dir, tmp_path):
         main(t2v_cfg(tiny_vae_dir, True, frames=6), str(latents_out), tmp_path / "run6")
 
 
+def test_shards_mixing_stored_latents_and_mp4_only_clips(latents_out, tiny_vae_dir, tmp_path):
+    """Clips curated before the latents stage (mp4 only) train beside clips with latents."""
+    from hdvg.t2v.data import ShardClips, make_loader
+    from hdvg.t2v.train import main
+
+    out = tmp_path / "mixed"
+    shutil.copytree(latents_out, out)
+    dropped = None
+    for p in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(p) as tf:
+            kept = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+        if dropped is None:
+            dropped = next(m.name for m, _ in kept if m.name.endswith(".latents.npy"))
+        with tarfile.open(p, "w") as tf:
+            for m, data in kept:
+                if m.name != dropped:
+                    tf.addfile(m, io.BytesIO(data))
+    cfg = t2v_cfg(tiny_vae_dir, True, batch_size=2, num_workers=0)
+    batch = next(iter(make_loader(ShardClips(str(out), cfg.data), cfg.data)))
+    key = dropped.split(".")[0]
+    assert batch["key"][1] == key  # the mp4-only clip comes after the stored latents
+    assert batch["latents"].shape == (1, 4, 4, 8, 8) and batch["video"].shape == (1, 3, 4, 32, 32)
+    cfg.train.steps, cfg.train.ckpt_every = 2, 100
+    assert main(cfg, str(out), tmp_path / "run") == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
 def test_takedown_keeps_the_others_latents(latents_out, tmp_path):
     from hdvg.manifest.takedown import takedown
     from hdvg.manifest.verify import verify
