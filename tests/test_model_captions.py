@@ -185,6 +185,17 @@ def test_curate_end_to_end_with_tiny_models(tiny, two_shot_source, ray_local, tm
             "aesthetic_score", "clip_score", "sha256", "shard", "tar_offset"]  # fmt: skip
     assert [{k: r[k] for k in cols} for r in rows2] == [{k: r[k] for k in cols} for r in rows]
 
+    # captions alone: the pool sends the clips' mp4 bytes past the actor in their own
+    # column (`clip_data`); the clips come back whole, with the same captions
+    cap = _recipe(tiny, frame_pool=True)
+    cap.clip_stages = {"caption": cap.clip_stages["caption"]}
+    out3 = tmp_path / "out3"
+    curate(cap, str(two_shot_source), out3, quiet=True)
+    rows3 = pq.read_table(out3 / "manifest" / "clips").to_pylist()
+    cols = ["clip_id", "status", "caption", "sha256", "size_bytes"]
+    assert [{k: r[k] for k in cols} for r in rows3] == [{k: r[k] for k in cols} for r in rows]
+    assert cli(["manifest", "verify", str(out3)]) == 0  # the shards hold the clips' bytes
+
 
 def test_actor_drops_pool_frames_before_results_travel(tiny, clip_bytes):
     import pickle
