@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call on a lent H100/H200 (< 9 min): the caption
-# stage behind the CPU frame pool against the direct model loop (BLIP-2 OPT-2.7B shape),
-# then benchmarks/gpu_t2v.sh (t2v gpu tests and the training-step benchmark). The device
-# image has torch and transformers; the rest travels as wheels in .whl/ (see
-# benchmarks/RESULTS.md for how).
+# Every GPU check of the project in one call on a lent H100/H200 (< 8 min of command):
+#   1. benchmarks/gpu_caption.sh (<= 170 s): the caption stage behind the CPU frame pool
+#      against the direct model loop (BLIP-2 OPT-2.7B shape), issue 3;
+#   2. benchmarks/gpu_t2v.sh (<= 300 s): t2v gpu tests and the training step, eager against
+#      channels-last + regional torch.compile, issue 7.
+# The device image has torch and transformers; the rest travels as wheels in .whl/ (av,
+# diffusers, webdataset, open_clip, ... and the 2 s 720p test clip; git-ignored), carried
+# with `run`'s carry [".whl"]. Results land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-./bench_out}"
@@ -18,10 +21,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nproc
 python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__)"
-CLIP=""; [ -f .whl/clip720.mp4 ] && CLIP="--clip .whl/clip720.mp4"
-timeout 200 python3 benchmarks/bench_caption.py --shape opt-2.7b --clips 1536 --batch-sizes 64,128 \
-  --tokens 30 --size 1280x720 --pipeline both --decode-threads 12 $CLIP \
-  --out "$OUT/models_bench.json" 2>&1 | grep -v Warning | tail -30 || echo "caption bench rc=$?"
-BUDGET="${BUDGET:-230}" bash benchmarks/gpu_t2v.sh
-echo "== captions"; cat "$OUT/models_bench.json" 2>/dev/null
-echo "== t2v"; cat "$OUT/t2v_bench.json" 2>/dev/null
+echo "== captions ($SECONDS s)"
+BUDGET="${CAPTION_BUDGET:-170}" bash benchmarks/gpu_caption.sh 2>&1 | tail -60
+echo "== t2v ($SECONDS s)"
+BUDGET="${T2V_BUDGET:-300}" bash benchmarks/gpu_t2v.sh 2>&1 | tail -80
+echo "== done (${SECONDS}s)"
