@@ -351,6 +351,13 @@ def main() -> int:
         print(f"stage, decoding in the actor: {pipe['inproc']:.1f} captions/s", file=sys.stderr)
     pools = []
     if a.pipeline in ("pool", "both"):
+        # priorities as in a Ray run: the actor at Ray's worker niceness (15), the pool's
+        # processes at models.cpu_nice (19, set by frame_pool_row itself); the direct loop
+        # above ran at the default priority, its best case
+        try:
+            os.nice(max(0, 15 - os.nice(0)))
+        except OSError:
+            pass
         runs: dict[int, list[int]] = {}  # workers -> actor calls, in the order given
         if a.pool_runs:
             for wc in a.pool_runs.split(","):

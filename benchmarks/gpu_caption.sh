@@ -2,9 +2,9 @@
 # Caption stage vs the direct model loop on one GPU, < 170 s (issue 3's >= 90% target):
 # BLIP-2 OPT-2.7B shape, random bf16 weights, 30 fixed tokens, batch 128 (the H100's best:
 # 217 captions/s, against 115 at 64). The stage runs behind the CPU frame pool as in a Ray
-# run (nproc-2 spawned pool processes, rows handed over through /dev/shm), with the model
-# actor called on 1 then 2 threads (`models.actor_calls`) on the same warm pool, then with
-# one pool process more. Each rate twice: over the whole run, and once the pipeline is full
+# run (nproc-2 spawned pool processes, rows handed over through /dev/shm, niced like the
+# pipeline's CPU workers: models.cpu_nice), then with one pool process more ($POOL_RUNS:
+# WxC = pool processes x model-actor calls at once, models.actor_calls). Each rate twice: over the whole run, and once the pipeline is full
 # (`_steady`: the pool's fill time before the first batch left out, as a long run
 # amortises it). Beside each, $OUT/models_bench.json says which side binds: the pool's
 # seconds per clip and its rate alone, the actor's seconds per batch in `generate` and
@@ -26,9 +26,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 CLIP=""; [ -f .whl/clip720.mp4 ] && CLIP="--clip .whl/clip720.mp4"
 W=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))  # 14 on 16 cores; then one run with 15
+POOL_RUNS="${POOL_RUNS:-${W}x1,$((W + 1))x1}"  # WxC: pool processes x actor calls
 timeout -k 5 $((BUDGET - SECONDS - 10)) python3 benchmarks/bench_caption.py --shape opt-2.7b \
   --clips 1536 --batch-sizes 128 --tokens 30 --size 1280x720 --pipeline pool \
-  --pool-runs "${W}x1,${W}x2,$((W + 1))x2" $CLIP --out "$JSON" 2>&1 >/dev/null \
+  --pool-runs "$POOL_RUNS" $CLIP --out "$JSON" 2>&1 >/dev/null \
   | grep -v -i warning | tail -25  # progress and errors; the JSON is printed below
 rc=${PIPESTATUS[0]}
 echo "bench_caption.py rc=$rc"

@@ -120,8 +120,14 @@ class ModelsConfig:
     frame_pool: bool | None = None
     frame_pool_cpus: float = 1.0  # per frame-pool task
     # calls Ray runs at once on each model actor: one batch's unpickling and pickling beside
-    # another's models (the models themselves run one batch at a time)
-    actor_calls: int = 2
+    # another's models (the models themselves run one batch at a time). 1 measured best on an
+    # H100 (BLIP-2 OPT-2.7B: the second call mostly waits for the lock; RESULTS.md)
+    actor_calls: int = 1
+    # niceness of the CPU workers (source stage, frame pool) when the recipe has model stages:
+    # a GPU actor's process launches thousands of small kernels per generate call and must
+    # not queue behind decoders for a core. Ray starts every worker, actors included, at 15
+    # (RAY_worker_niceness), so 19 puts the actors first; 0: leave priorities alone
+    cpu_nice: int = 19
     allow_download: bool = False  # fetch weights from a hub at run time
     cache_dir: str | None = None  # HF cache; default: $HF_HOME
 
@@ -130,6 +136,8 @@ class ModelsConfig:
             raise ConfigError(f"models.device must be auto, cpu or cuda, got {self.device!r}")
         if self.actor_calls < 1:
             raise ConfigError(f"models.actor_calls must be >= 1, got {self.actor_calls}")
+        if not 0 <= self.cpu_nice <= 19:
+            raise ConfigError(f"models.cpu_nice must be within 0..19, got {self.cpu_nice}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 import pickle
 import threading
 import time
@@ -254,6 +255,7 @@ def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
     stages = _POOL_STAGES.get(cfg.hash())
     if stages is None:  # built once per worker; the models themselves are not loaded here
         stages = _POOL_STAGES[cfg.hash()] = model_stages(cfg)
+        yield_cpu(cfg)
     result = pickle.loads(row["result"])
     prepare_frames(stages, [result], max(1, int(cfg.models.frame_pool_cpus)))
     data = b""
@@ -262,6 +264,23 @@ def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
         for c in result.clips:
             c.data = None
     return {**row, "result": pickle.dumps(result, protocol=5), "clip_data": data}
+
+
+def yield_cpu(cfg: PipelineConfig) -> None:
+    """Lower this CPU worker's priority to `models.cpu_nice` when the recipe has model stages.
+
+    On an H100, BLIP-2's generate for 128 clips took 0.62 s alone but 0.96 s beside 14 busy
+    frame-pool processes on 16 cores: the GPU actor's thread launches thousands of small
+    kernels per call and waited for a core. Niced decoders still use every idle cycle, but
+    the actor (left at Ray's worker niceness, 15) wins a core when it wants one. Once per
+    worker process (niceness only ever goes up; the ffmpeg children it starts inherit it)."""
+    want = cfg.models.cpu_nice
+    if not want or not model_stages(cfg):
+        return
+    try:
+        os.nice(max(0, want - os.nice(0)))
+    except OSError:  # not permitted here: run at the priority we have
+        pass
 
 
 def result_of(row: dict[str, Any]) -> SourceResult:

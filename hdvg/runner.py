@@ -35,6 +35,7 @@ from .pipeline import (
     manifest_meta,
     model_stages,
     result_of,
+    yield_cpu,
 )
 from .records import SourceRecord, SourceResult, SourceTask
 from .sources import read_sources
@@ -72,6 +73,7 @@ def _source_fn(row: dict[str, Any], cfg: PipelineConfig, out: str) -> dict[str, 
         proc = _PROCESSORS.get(key)
         if proc is None:  # stages set up once per worker process, not per source
             proc = _PROCESSORS[key] = SourceProcessor(cfg, out)
+            yield_cpu(cfg)  # GPU actors first (models.cpu_nice)
         result = proc(task)
     marker.unlink(missing_ok=True)
     return {"order": row["order"], "source_id": task.source_id, "result": pickle.dumps(result)}

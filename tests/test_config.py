@@ -32,6 +32,7 @@ def test_shipped_recipes_load(name):
         ({"shards": {"max_samples": True}}, "shards.max_samples"),
         ({"cut": {"mode": "copy-ish"}}, "cut.mode"),
         ({"bogus": 1}, "bogus"),
+        ({"models": {"cpu_nice": 25}}, "models.cpu_nice"),
     ],
 )
 def test_bad_config_names_the_key(raw, needle):

@@ -6,6 +6,7 @@ error and `hdvg models`."""
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -116,6 +117,36 @@ def test_missing_weights_name_stage_model_and_path(tmp_path, capsys):
     head = from_dict({"clip_stages": {"aesthetic": {"path": "/nope/oc", "head": "/nope/h.pth"}}})
     with pytest.raises(ModelNotFoundError, match="stage aesthetic: model oc not found in /nope/oc"):
         build_stages(head, "clip_stages")
+
+
+def test_cpu_workers_yield_to_model_actors(tiny):
+    """Source and frame-pool workers of a recipe with model stages lower their priority
+    (models.cpu_nice) so a GPU actor's launch thread never waits for a core; others do not."""
+    import multiprocessing as mp
+
+    from hdvg.pipeline import yield_cpu
+
+    def child(cfg, q):
+        before = os.nice(0)
+        yield_cpu(cfg)
+        yield_cpu(cfg)  # once is enough: a second call changes nothing
+        q.put((before, os.nice(0)))
+
+    def niceness(raw):
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(from_dict(raw), q))
+        p.start()
+        p.join(30)
+        return q.get(timeout=5)
+
+    captions = {"clip_stages": {"caption": {"path": tiny["blip2"]}}}
+    before, after = niceness(captions)
+    assert after == max(before, 19)
+    before, after = niceness({**captions, "models": {"cpu_nice": 0}})
+    assert after == before
+    before, after = niceness({})  # no model stages: nothing to yield to
+    assert after == before
 
 
 def test_hdvg_models_lists_weights(tiny, tmp_path, capsys):
