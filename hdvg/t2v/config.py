@@ -143,8 +143,9 @@ class TrainConfig:
     log_every: int = 1
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    # true / "full": torch.compile the whole U-Net; "regional": each block apart (compiles in
-    # a fraction of the time; unet.compile_regions); "norms": only the norms
+    # true / "full": torch.compile the whole U-Net; "regional": each block apart (identical
+    # blocks share code: 34 graphs for the base U-Net; unet.compile_regions; neither
+    # finished compiling within ~2 min on an H100 host, RESULTS.md); "norms": only the norms
     # (layers.compile_norms), the rest eager; false: eager
     compile: bool | str = False
     # train only the new modules (swap attention) and keep the loaded base frozen
