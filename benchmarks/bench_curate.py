@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -114,6 +115,12 @@ def main() -> None:
         "hdvg_s": [round(x, 2) for x in hdvgs],
         "ratio_best": round(min(hdvgs) / min(floors), 3),
         "ratio_median": round(sorted(hdvgs)[len(hdvgs) // 2] / sorted(floors)[len(floors) // 2], 3),
+        # each hdvg run against the floor measured just before it: the VM's speed drifts by
+        # up to a third over minutes, so adjacent pairs are the fairer comparison
+        "ratio_pairs": [round(h / f, 3) for f, h in zip(floors, hdvgs, strict=True)],
+        "ratio_pairs_median": round(
+            statistics.median(h / f for f, h in zip(floors, hdvgs, strict=True)), 3
+        ),
         "clips": run["counts"]["clips_by_status"],
         "stage_seconds": run["stage_seconds"],
     }
