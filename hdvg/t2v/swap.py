@@ -77,28 +77,13 @@ def window_merge(
     """Inverse of :func:`window_partition`: ``(B*nW, wf*wh*ww, C)`` -> ``(B*F, C, H, W)``,
     NCHW-contiguous or, with ``channels_last``, laid out ``(b f h w c)`` in memory."""
     wf, wh, ww = window
+    sizes = {"nf": num_frames // wf, "nh": height // wh, "nw": width // ww,
+             "wf": wf, "wh": wh, "ww": ww}  # fmt: skip
+    src = "(b nf nh nw) (wf wh ww) c"
     if channels_last:  # the same copy, into the layout of a channels-last residual stream
-        cl = rearrange(
-            tokens,
-            "(b nf nh nw) (wf wh ww) c -> (b nf wf) (nh wh) (nw ww) c",
-            nf=num_frames // wf,
-            nh=height // wh,
-            nw=width // ww,
-            wf=wf,
-            wh=wh,
-            ww=ww,
-        )
+        cl = rearrange(tokens, f"{src} -> (b nf wf) (nh wh) (nw ww) c", **sizes)
         return cl.permute(0, 3, 1, 2)  # (BF, C, H, W)
-    return rearrange(
-        tokens,
-        "(b nf nh nw) (wf wh ww) c -> (b nf wf) c (nh wh) (nw ww)",
-        nf=num_frames // wf,
-        nh=height // wh,
-        nw=width // ww,
-        wf=wf,
-        wh=wh,
-        ww=ww,
-    )
+    return rearrange(tokens, f"{src} -> (b nf wf) c (nh wh) (nw ww)", **sizes)
 
 
 class SwapAttention(nn.Module):
