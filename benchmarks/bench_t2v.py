@@ -198,7 +198,9 @@ def make_model(kind: str, cfg, device: torch.device, args) -> torch.nn.Module:
 def make_inputs(b: int, cfg, frames: int, lat: int, device: torch.device, args):
     x = torch.randn(b, 4, frames, lat, lat, device=device)
     if args.channels_last:  # (B, C, F, H, W) -> frames fold into the batch as NHWC
-        x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+        from hdvg.t2v.unet import channels_last_input
+
+        x = channels_last_input(x)
     t = torch.randint(0, 1000, (b,), device=device)
     text = torch.randn(b, 77, cfg.cross_attention_dim, device=device)
     return x, t, text

@@ -107,8 +107,8 @@ def sample_indices(n_frames: int, n: int) -> tuple[list[int], int]:
 def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0) -> Frames:
     """Decode the sampled frames (and their successors) of an mp4 held in memory.
 
-    Two passes over the bytes: packets are counted first (no decoding) so the sample points
-    are known, then one sequential decode converts only the frames it keeps and stops after
+    One demux: the packets are counted (no decoding) so the sample points are known, then
+    one sequential decode of those packets converts only the frames it keeps and stops after
     the last one; the scaler downsizes in C. Raises `ValueError` on a clip without
     decodable frames. `threads`: decoder threads, 0 = as many as cores (for one clip at a
     time); the frame pool, one clip per CPU, decodes single-threaded (a 16-thread decoder

@@ -220,7 +220,7 @@ def prepare_frames(stages: list[Stage], results: list[SourceResult], threads: in
     if spec is None:
         return
     # every frame reader reads only what its `prepare` left: the frames need not travel
-    ready = all(getattr(s, "pool_ready", False) for s in stages if s.frame_use)
+    ready = all(s.pool_ready for s in stages if s.frame_use)
     for r in results:
         live = [c for c in r.clips if c.alive and c.data is not None and c.frames is None]
         if not live:
@@ -259,7 +259,7 @@ def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
     result = pickle.loads(row["result"])
     prepare_frames(stages, [result], max(1, int(cfg.models.frame_pool_cpus)))
     data = b""
-    if all(getattr(s, "pool_ready", False) for s in stages):
+    if all(s.pool_ready for s in stages):  # no model stage reads the mp4 bytes
         data = pickle.dumps([c.data for c in result.clips], protocol=5)
         for c in result.clips:
             c.data = None

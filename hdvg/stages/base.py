@@ -46,6 +46,9 @@ class Stage:
     # the recipe's frames (`FrameSpec`), set on each stage by the model actor
     frame_use: ClassVar[str | None] = None
     frame_spec: Any = None
+    # after its `prepare` (frame pool), the stage reads only what that left on the clip: the
+    # pool may drop the decoded frames, and the mp4 bytes if no other model stage reads them
+    pool_ready: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

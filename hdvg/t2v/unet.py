@@ -88,7 +88,7 @@ class TemporalConv(nn.Module):
         nn.init.zeros_(self.conv4[-1].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        if is_channels_last(x):  # (3,1) Conv2d over (B, C, F, HW): see _frame_conv
+        if is_channels_last(x):  # (3,1) Conv2d over (B, C, F, HW): see _frame_conv2d
             v = rearrange(x, "(b f) c h w -> b c f (h w)", f=num_frames)  # (B, C, F, HW), a view
             h = self._convs(v, _frame_conv2d)
             out = (v + h).contiguous(memory_format=torch.channels_last)  # (b f hw c) in memory
@@ -261,14 +261,20 @@ def _maybe_ckpt(on: bool, fn, *args):
 def to_channels_last(model: nn.Module) -> nn.Module:
     """NHWC weights for the 2D convs (and NDHWC for the temporal ones, whose ``squeeze(-1)``
     is then an NHWC 4D weight): cuDNN's bf16 convs run NHWC natively; NCHW ones pay transposes
-    in and out of every conv. Feed the input as ``sample.permute(0, 2, 3, 4, 1).contiguous()
-    .permute(0, 4, 1, 2, 3)`` so that the ``(b f)`` fold keeps it NHWC."""
+    in and out of every conv. Feed the input through :func:`channels_last_input` so that the
+    ``(b f)`` fold keeps it NHWC."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.to(memory_format=torch.channels_last)
         elif isinstance(m, nn.Conv3d):
             m.to(memory_format=torch.channels_last_3d)
     return model
+
+
+def channels_last_input(sample: torch.Tensor) -> torch.Tensor:
+    """``(B, C, F, H, W)`` laid out ``(b f h w c)`` in memory: each frame of the ``(b f)`` fold
+    is then NHWC, as :func:`to_channels_last` wants. Same shape and values, one copy."""
+    return sample.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
 
 
 REGION_TYPES = (ResnetBlock, TemporalConv, SpatialTransformer, TemporalTransformer, SwapAttention)

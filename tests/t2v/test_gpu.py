@@ -44,7 +44,7 @@ def test_channels_last_bf16_cuda_matches_nchw():
     bf16 autocast: the NCHW model's output within bf16 rounding. (The output's layout is
     not asserted: on CUDA the group norms take contiguous NCHW input, and the H100 run of
     2026-11-26 gave an NCHW output; the layout is cuDNN's choice, the values are ours.)"""
-    from hdvg.t2v.unet import to_channels_last
+    from hdvg.t2v.unet import channels_last_input, to_channels_last
     from tests.t2v.test_model import _lively_tiny_unet
 
     model = _lively_tiny_unet().cuda()
@@ -54,5 +54,5 @@ def test_channels_last_bf16_cuda_matches_nchw():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         want = model(x, t, text).float()
         to_channels_last(model)
-        got = model(x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), t, text)
+        got = model(channels_last_input(x), t, text)
     assert (got.float() - want).abs().max() / want.abs().mean() < 5e-2

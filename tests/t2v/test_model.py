@@ -350,7 +350,7 @@ def _lively_tiny_unet() -> SwapUNet:
 def test_channels_last_matches_nchw():
     """NHWC weights and input (the temporal convs then run as (3,1) Conv2d): same output and
     gradients as the NCHW model, and the output comes back NHWC-laid-out."""
-    from hdvg.t2v.unet import to_channels_last
+    from hdvg.t2v.unet import channels_last_input, to_channels_last
 
     model = _lively_tiny_unet()
     x, text = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 3, 32)
@@ -359,7 +359,7 @@ def test_channels_last_matches_nchw():
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     to_channels_last(model)
-    x_cl = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)  # (B, C, F, H, W) view
+    x_cl = channels_last_input(x)  # (B, C, F, H, W)
     got = model(x_cl, 10, text)
     got.square().mean().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -398,7 +398,7 @@ def test_compiled_norms_match_eager():
     """``compile_norms``: the whole U-Net's norms through one compiled function (aot_eager
     here) give eager's values and gradients, NCHW and channels-last."""
     from hdvg.t2v.layers import compile_norms
-    from hdvg.t2v.unet import to_channels_last
+    from hdvg.t2v.unet import channels_last_input, to_channels_last
 
     model = _lively_tiny_unet()
     x, text = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 3, 32)
@@ -406,7 +406,7 @@ def test_compiled_norms_match_eager():
     want.square().mean().backward()
     ref = [p.grad.clone() for p in model.parameters()]
     to_channels_last(model)
-    x_cl = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    x_cl = channels_last_input(x)
     compile_norms(backend="aot_eager")
     try:
         for inp in (x, x_cl):

@@ -146,9 +146,7 @@ class CaptionStage(ModelMixin, Stage):
             memo(c, "caption_pixels", lambda _, c=c: self._pixels(self._images(c)),
                  self.frame_spec)  # fmt: skip
 
-    # after `prepare`, `process_batch` reads only the memo it left: the frame pool may drop
-    # the decoded frames themselves before they travel to the actor
-    pool_ready = True
+    pool_ready = True  # `process_batch` reads only the memo `prepare` left
 
     def _pixels(self, images: list[np.ndarray]) -> np.ndarray:
         ip = self.processor.image_processor
