@@ -132,6 +132,10 @@ class Traffic(TorchDispatchMode):
         ins = [v for k, v in kwargs.items() if k not in skip]
         ins += list(args[1:] if name in WRITE_ONLY_SELF else args)
         ins = [t for t in tree_flatten(ins)[0] if torch.is_tensor(t)]
+        if name == "_to_copy":  # casts apart from layout copies, by direction
+            short = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+            same = ins[0].dtype == outs[0].dtype
+            name += " (layout)" if same else f" ({short(ins[0])}->{short(outs[0])})"
         key = (self.phase, name, self.labels.current)
         self.bytes[key] += sum(span_bytes(t) for t in ins + outs)
         self.calls[key] += 1

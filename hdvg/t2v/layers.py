@@ -52,18 +52,23 @@ class _Norm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: tuple, silu: bool, nd: torch.dtype, out_dtype):
-        y, mean, rstd = _norm_fwd(x.to(nd), _up(weight, nd), _up(bias, nd), spec)
+    def forward(ctx, x, weight, bias, spec: tuple, silu: bool, nd: torch.dtype, out_dtype, perm):
+        y, mean, rstd = _norm_fwd(_dense(x, nd), _up(weight, nd), _up(bias, nd), spec)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.spec, ctx.silu, ctx.nd = spec, silu, nd
-        return (F.silu(y) if silu else y).to(out_dtype)
+        y = F.silu(y) if silu else y
+        if perm is None:
+            return y.to(out_dtype)
+        # the cast writes the layout the consumer reads (e.g. tokens): its permute-copy is saved
+        out = y.permute(perm).to(out_dtype, memory_format=torch.contiguous_format)
+        return out.permute(sorted(range(len(perm)), key=perm.__getitem__))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         nd, spec = ctx.nd, ctx.spec
-        xn, wn, bn = x.to(nd).contiguous(), _up(weight, nd), _up(bias, nd)
-        gy = grad.to(nd).contiguous()
+        xn, wn, bn = _dense(x, nd), _up(weight, nd), _up(bias, nd)
+        gy = _dense(grad, nd)  # one pass from the consumer's layout (tokens, windows) and dtype
         if ctx.silu:  # recompute the norm's output instead of having kept it
             gy = aten.silu_backward(gy, _norm_fwd(xn, wn, bn, spec)[0])
         mask = list(ctx.needs_input_grad[:3])
@@ -75,7 +80,13 @@ class _Norm(torch.autograd.Function):
         else:
             gx, gw, gb = aten.native_layer_norm_backward(gy, xn, spec[1], mean, rstd, wn, bn, mask)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return cast(gx, x), cast(gw, weight), cast(gb, bias), None, None, None, None
+        return cast(gx, x), cast(gw, weight), cast(gb, bias), None, None, None, None, None
+
+
+def _dense(x: torch.Tensor, nd: torch.dtype) -> torch.Tensor:
+    """``x`` in ``nd``, contiguous, as the CUDA norm kernels take it: one copy-cast, not a
+    cast that keeps a permuted layout and then a contiguous copy (none when it already is)."""
+    return x.to(nd, memory_format=torch.contiguous_format)
 
 
 def _up(p: torch.Tensor, nd: torch.dtype) -> torch.Tensor:
@@ -84,13 +95,14 @@ def _up(p: torch.Tensor, nd: torch.dtype) -> torch.Tensor:
 
 
 def _norm_fwd(x, weight, bias, spec):
-    if spec[0] == "group":  # CUDA's kernel takes contiguous input only (a no-op when it is)
+    """``x``: contiguous (:func:`_dense`), as CUDA's kernels take it."""
+    if spec[0] == "group":
         _, n, c, hw, groups, eps = spec
-        return aten.native_group_norm(x.contiguous(), weight, bias, n, c, hw, groups, eps)
+        return aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
     return aten.native_layer_norm(x, spec[1], weight, bias, spec[2])
 
 
-def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool) -> torch.Tensor:
+def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool, perm=None) -> torch.Tensor:
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # as autocast: CUDA's runs norms in fp32, the CPU's not
         nd = x.dtype if dev == "cpu" else torch.float32
@@ -102,7 +114,7 @@ def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool) -> torch
             fn = _plain_norm if torch.compiler.is_compiling() else _compiled_norm
             groups = spec[4] if spec[0] == "group" else 0  # 0: layer norm over the last dim
             return fn(x, weight, bias, groups, spec[-1], silu, nd, out_dtype)
-        return _Norm.apply(x, weight, bias, spec, silu, nd, out_dtype)
+        return _Norm.apply(x, weight, bias, spec, silu, nd, out_dtype, perm)
 
 
 def _plain_norm(x, weight, bias, groups: int, eps: float, silu: bool, nd, out_dtype):
@@ -132,11 +144,16 @@ def compile_norms(enable: bool = True, **compile_kwargs) -> None:
     _compiled_norm = torch.compile(_plain_norm, **compile_kwargs) if enable else None
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """``norm(x)`` (then SiLU if asked), keeping one tensor for backward: see :class:`_Norm`."""
+def group_norm(
+    norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, perm: tuple | None = None
+) -> torch.Tensor:
+    """``norm(x)`` (then SiLU if asked), keeping one tensor for backward: see :class:`_Norm`.
+
+    ``perm``: the output is laid out as ``x.permute(perm)`` contiguous (same shape and values),
+    for a consumer that views it in that order; the compiled paths ignore it."""
     n, c = x.shape[:2]
     spec = ("group", n, c, x[0, 0].numel(), norm.num_groups, norm.eps)
-    return _apply_norm(x, norm.weight, norm.bias, spec, silu)
+    return _apply_norm(x, norm.weight, norm.bias, spec, silu, perm)
 
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -185,11 +202,19 @@ class Attention(nn.Module):
         if self.cross:
             ctx = x if context is None else context
             q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=h)  # (B, h, N, d)
-            k, v = rearrange(self.to_kv(ctx), "b m (two h d) -> two b h m d", two=2, h=h)
-        else:  # strided views of one (B, N, 3C) matmul output; last dim contiguous
-            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)
+            k, v = _heads(self.to_kv(ctx), 2, h)
+        else:
+            q, k, v = _heads(self.to_qkv(x), 3, h)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # (B, N, C)
+
+
+def _heads(proj: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """``(B, N, parts*h*d)`` -> ``parts`` strided ``(B, h, N, d)`` views (last dim contiguous, as
+    flash takes them), split on the dim whose backward ``stack`` writes the projection's
+    layout: one copy of the gradients, not a stack and then a permute-copy."""
+    split = rearrange(proj, "b n (p h d) -> b n p h d", p=parts, h=heads)
+    return tuple(t.transpose(1, 2) for t in split.unbind(2))
 
 
 class _GegluLinear(torch.autograd.Function):
@@ -285,7 +310,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape  # (BF, C, H, W)
-        t = rearrange(group_norm(self.norm, x), "n c h w -> n (h w) c")  # (BF, HW, C)
+        t = group_norm(self.norm, x, perm=(0, 2, 3, 1))  # laid out (n h w c): tokens by a view
+        t = rearrange(t, "n c h w -> n (h w) c")  # (BF, HW, C)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
             t = block(t, context)  # context: (BF, L, D)
@@ -296,9 +322,10 @@ class SpatialTransformer(nn.Module):
 class TemporalTransformer(nn.Module):
     """Self-attention along frames at every pixel (diffusers ``TransformerTemporalModel``).
 
-    The group norm spans (frames, h, w) of each video, as in diffusers. Tokens are laid out
-    ``(B*H*W, F, C)`` by one permute-copy (the ``proj_in`` matmul's input); SDPA then sees
-    ``(B*H*W, heads, F, 64)``.
+    The group norm spans (frames, h, w) of each video, as in diffusers. Its output cast writes
+    the tokens' ``(B*H*W, F, C)`` layout (the ``proj_in`` matmul's input, no extra copy); SDPA
+    sees ``(B*H*W, heads, F, 64)``; the residual add reads ``proj_out``'s token layout as a
+    strided view, not through a copy back to ``(B*F, C, H, W)``.
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
@@ -311,14 +338,13 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         _, _, h, w = x.shape  # (BF, C, H, W)
-        v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W)
-        t = rearrange(group_norm(self.norm, v), "b c f h w -> (b h w) f c")  # (BHW, F, C)
-        t = self.proj_in(t)
+        v = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)  # (B, C, F, H, W), a view
+        t = group_norm(self.norm, v, perm=(0, 3, 4, 2, 1))  # laid out (b h w f c)
+        t = self.proj_in(rearrange(t, "b c f h w -> (b h w) f c"))  # (BHW, F, C)
         for block in self.transformer_blocks:
             t = block(t)
         t = self.proj_out(t)
-        if not is_channels_last(x):
-            t = rearrange(t, "(b h w) f c -> (b f) c h w", h=h, w=w)  # (BF, C, H, W)
-        else:  # one copy into x's channels-last layout, (b f h w c) in memory, not NCHW
-            t = rearrange(t, "(b h w) f c -> (b f) h w c", h=h, w=w).permute(0, 3, 1, 2)
-        return x + t
+        # the add's output takes x's layout (NCHW or channels-last), so the folds are views
+        out = rearrange(x, "(b f) c h w -> b f c h w", f=num_frames)
+        out = out + rearrange(t, "(b h w) f c -> b f c h w", h=h, w=w)  # (B, F, C, H, W)
+        return rearrange(out, "b f c h w -> (b f) c h w")

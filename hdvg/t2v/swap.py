@@ -51,19 +51,22 @@ def effective_window(
     )
 
 
+WINDOWED = "b nf nh nw wf wh ww c"  # the 8D view of window_view; rows: "(b nf nh nw)"
+TOKENS = "(b nf nh nw) (wf wh ww) c"
+
+
+def window_view(x: torch.Tensor, num_frames: int, window: tuple[int, int, int]) -> torch.Tensor:
+    """``(B*F, C, H, W)`` -> a view ``(B, nF, nH, nW, wf, wh, ww, C)``: window-major, no copy."""
+    wf, wh, ww = window
+    pattern = f"(b nf wf) c (nh wh) (nw ww) -> {WINDOWED}"
+    return rearrange(x, pattern, nf=num_frames // wf, wf=wf, wh=wh, ww=ww)
+
+
 def window_partition(
     x: torch.Tensor, num_frames: int, window: tuple[int, int, int]
 ) -> torch.Tensor:
     """``(B*F, C, H, W)`` -> ``(B*nF*nH*nW, wf*wh*ww, C)``: one row of tokens per 3D window."""
-    wf, wh, ww = window
-    return rearrange(
-        x,
-        "(b nf wf) c (nh wh) (nw ww) -> (b nf nh nw) (wf wh ww) c",
-        nf=num_frames // wf,
-        wf=wf,
-        wh=wh,
-        ww=ww,
-    )
+    return rearrange(window_view(x, num_frames, window), f"{WINDOWED} -> {TOKENS}")
 
 
 def window_merge(
@@ -106,13 +109,27 @@ class SwapAttention(nn.Module):
         nn.init.zeros_(self.attn.to_out[0].bias)
 
     def forward(
-        self, spatial: torch.Tensor, temporal: torch.Tensor, num_frames: int
+        self,
+        spatial: torch.Tensor,
+        temporal: torch.Tensor,
+        num_frames: int,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The update ``(BF, C, H, W)``; given ``residual`` (same shape), ``residual + update``,
+        the add reading the windows' token layout in place of a copy back to ``(BF, C, H, W)``."""
         _, _, h, w = spatial.shape  # (BF, C, H, W), both branches
         q_src, kv_src = (spatial, temporal) if self.query == "spatial" else (temporal, spatial)
         win = effective_window(num_frames, h, w, self.window)
-        q = window_partition(q_src, num_frames, win)  # (B*nW, T, C)
-        kv = window_partition(kv_src, num_frames, win)  # (B*nW, T, C)
-        out = self.attn(layer_norm(self.norm_q, q), layer_norm(self.norm_kv, kv))  # (B*nW, T, C)
-        cl = is_channels_last(spatial)
-        return window_merge(out, num_frames, h, w, win, cl)  # (BF, C, H, W)
+        # the norms read the windows as strided views and write the tokens' layout: no copy in
+        q = layer_norm(self.norm_q, window_view(q_src, num_frames, win))  # (B, nF, ..., C)
+        kv = layer_norm(self.norm_kv, window_view(kv_src, num_frames, win))
+        to_tokens = f"{WINDOWED} -> {TOKENS}"
+        out = self.attn(rearrange(q, to_tokens), rearrange(kv, to_tokens))  # (B*nW, T, C)
+        if residual is None:
+            return window_merge(out, num_frames, h, w, win, is_channels_last(spatial))
+        wf, wh, ww = win
+        sizes = {"nf": num_frames // wf, "nh": h // wh, "nw": w // ww, "wf": wf, "wh": wh}
+        update = rearrange(out, f"{TOKENS} -> {WINDOWED}", **sizes)  # a view
+        out = window_view(residual, num_frames, win) + update  # takes residual's layout, so
+        # the fold back below is a view too
+        return rearrange(out, f"{WINDOWED} -> (b nf wf) c (nh wh) (nw ww)")  # (BF, C, H, W)

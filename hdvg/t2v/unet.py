@@ -195,8 +195,8 @@ class Level(nn.Module):
     ) -> torch.Tensor:
         s = _maybe_ckpt(each, self.attentions[i], x, ctx)  # spatial self + text cross
         t = _maybe_ckpt(each, self.temp_attentions[i], s, num_frames)  # temporal self
-        if len(self.swaps):  # swap cross-attention in 3D windows
-            t = t + _maybe_ckpt(each, self.swaps[i], s, t, num_frames)
+        if len(self.swaps):  # swap cross-attention in 3D windows, added onto t
+            t = _maybe_ckpt(each, self.swaps[i], s, t, num_frames, t)
         return t  # (BF, C, H, W)
 
     def layer(
