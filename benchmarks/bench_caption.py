@@ -281,6 +281,8 @@ def main() -> int:
     ap.add_argument("--actor-calls", default="2", help="models.actor_calls; a list: each")
     ap.add_argument("--pool-runs", default=None,
                     help="instead of the two above: WORKERSxCALLS,... e.g. 14x1,14x2,15x2")  # fmt: skip
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="caption.cache, for the direct loop and the stage alike")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
@@ -292,7 +294,7 @@ def main() -> int:
         data = media.make_video(tmp / "clip.mp4", VideoSpec(w, h, 25, (2.0,))).read_bytes()
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     params = {"min_new_tokens": a.tokens, "max_new_tokens": a.tokens,
-              "decode_threads": a.decode_threads}  # fmt: skip
+              "decode_threads": a.decode_threads, "cache": a.cache}  # fmt: skip
     device = "cpu" if a.shape == "tiny" else "cuda"
     if a.shape == "tiny":
         params["path"] = str(T.save_tiny_blip2(tmp / "blip2"))
@@ -314,8 +316,7 @@ def main() -> int:
 
     def gen(n: int):
         with torch.inference_mode():
-            st.model.generate(pixel_values=pixels[:n], max_new_tokens=a.tokens,
-                              min_new_tokens=a.tokens, do_sample=False)  # fmt: skip
+            st.model.generate(pixel_values=pixels[:n], **st.generate_kwargs())
 
     direct = {}
     for b in sizes:
@@ -385,7 +386,7 @@ def report(a, direct: dict, best_b: int, pipe: dict, pools: list, final: bool = 
     """The result so far, to --out (rewritten after each part: a run cut short by its
     timeout keeps what it measured) and, at the end, to stdout."""
     res = {
-        "benchmark": "caption", "shape": a.shape, "tokens": a.tokens, "clips": a.clips,
+        "benchmark": "caption", "shape": a.shape, "tokens": a.tokens, "clips": a.clips, "cache": a.cache,
         "clip_size": a.size, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "direct_captions_per_s": {str(k): round(v, 2) for k, v in direct.items()},

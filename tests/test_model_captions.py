@@ -66,6 +66,23 @@ def test_blip2_batched_captions(tiny, clip_bytes):
     assert len({c.caption for c in clips}) == 1  # the same clip gives the same caption
 
 
+def test_blip2_static_kv_cache_gives_the_same_captions(tiny, clip_bytes):
+    # caption.cache: static preallocates the KV cache (on CUDA, generate then compiles the
+    # decode step into CUDA graphs); the text must not change, token for token
+    params = {"path": tiny["blip2"], "batch_size": 3, "min_new_tokens": 5, "max_new_tokens": 8}
+    dyn = _stage("caption", params)
+    sta = _stage("caption", {**params, "cache": "static"})
+    assert sta.generate_kwargs()["cache_implementation"] == "static"
+    assert "cache_implementation" not in dyn.generate_kwargs()
+    a, b = _clips(clip_bytes, 4), _clips(clip_bytes, 4)  # batches of 3 and 1
+    dyn.process_batch(a, [None] * 4)
+    sta.process_batch(b, [None] * 4)
+    assert [c.caption for c in b] == [c.caption for c in a]
+    assert all(c.caption for c in b)
+    with pytest.raises(Exception, match="caption.cache"):
+        build_stage("caption", {"cache": "paged"})
+
+
 def test_blip_multi_frame_and_named_revision(tiny, clip_bytes):
     st = _stage("caption", {"backend": "blip", "path": tiny["blip"], "frames": "multi",
                             "n_frames": 3, "model": "Salesforce/blip-image-captioning-large",
