@@ -107,6 +107,8 @@ class Traffic(TorchDispatchMode):
         self.bytes: collections.Counter = collections.Counter()  # (phase, op, label) -> bytes
         self.calls: collections.Counter = collections.Counter()
         self.flops: collections.Counter = collections.Counter()  # op -> FLOPs
+        self.group = "other"  # what the running code is, for by_group (see measure)
+        self.by_group: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,8 +139,11 @@ class Traffic(TorchDispatchMode):
             same = ins[0].dtype == outs[0].dtype
             name += " (layout)" if same else f" ({short(ins[0])}->{short(outs[0])})"
         key = (self.phase, name, self.labels.current)
-        self.bytes[key] += sum(span_bytes(t) for t in ins + outs)
+        nbytes = sum(span_bytes(t) for t in ins + outs)
+        self.bytes[key] += nbytes
         self.calls[key] += 1
+        weight = name.startswith("_to_copy") and isinstance(args[0], torch.nn.Parameter)
+        self.by_group["autocast weight casts" if weight else self.group] += nbytes
         return out
 
 
@@ -221,7 +226,13 @@ def run_backward(loss: torch.Tensor, traffic: Traffic) -> int:
                 outs, rest = outs[: len(node.next_functions)], outs[len(node.next_functions) :]
                 assert all(g is None for g in rest), node
             else:
+                # a weight's cast back to fp32 (its next node accumulates the parameter's grad)
+                nxt = node.next_functions[0][0] if node.next_functions else None
+                cast = node.name() == "ToCopyBackward0" and nxt is not None
+                cast = cast and nxt.name() == "torch::autograd::AccumulateGrad"
+                traffic.group = "autocast weight casts" if cast else "other"
                 outs = node(*grads)
+                traffic.group = "other"
             outs = (outs,) if not isinstance(outs, tuple) else outs
             ran += 1
         else:
@@ -237,11 +248,47 @@ def run_backward(loss: torch.Tensor, traffic: Traffic) -> int:
                 if g.dtype != meta.dtype:  # and casts to the input's dtype
                     g = g.to(meta.dtype)
                 buf = buffers.setdefault(nxt, [None] * len(nxt._input_metadata))
-                buf[nr] = g if buf[nr] is None else buf[nr] + g
+                if buf[nr] is None:
+                    buf[nr] = g
+                else:
+                    traffic.group = "gradient sums (engine)"
+                    buf[nr] = buf[nr] + g
+                    traffic.group = "other"
             deps[nxt] -= 1
             if deps[nxt] == 0:
                 ready.append(nxt)
     return ran
+
+
+class CustomFunctionGroups:
+    """While the norms' and GEGLU's custom autograd functions run (forward and backward), their
+    ops count in a group of their own: the norms' fp32 compute and casts, GEGLU's recompute."""
+
+    def __init__(self, traffic: Traffic):
+        from hdvg.t2v import layers
+
+        self.patched = []
+        groups = {layers._Norm: "norms (+ SiLU, fp32 casts)", layers._GegluLinear: "GEGLU"}
+        for cls, group in groups.items():
+            for name in ("forward", "backward"):
+                fn = getattr(cls, name)
+                self.patched.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, staticmethod(self.wrap(fn, group, traffic)))
+
+    @staticmethod
+    def wrap(fn, group, traffic):
+        def run(*args):
+            prev, traffic.group = traffic.group, group
+            try:
+                return fn(*args)
+            finally:
+                traffic.group = prev
+
+        return run
+
+    def close(self):
+        for cls, name, orig in self.patched:
+            setattr(cls, name, orig)
 
 
 def measure(args) -> dict:
@@ -252,6 +299,7 @@ def measure(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     labels = Labels(model)
     traffic = Traffic(labels)
+    grouped = CustomFunctionGroups(traffic)
     paths: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     with mode, cuda_autocast_and_sdpa(paths):
@@ -267,6 +315,7 @@ def measure(args) -> dict:
             with torch.no_grad():  # as the engine runs backward without create_graph
                 nodes = run_backward(loss, traffic)
     labels.close()
+    grouped.close()
     wall = time.perf_counter() - t0
 
     by_op: collections.Counter = collections.Counter()
@@ -296,6 +345,7 @@ def measure(args) -> dict:
             sum(b for (p, _, _), b in traffic.bytes.items() if p == "fwd") / GB, 2
         ),
         "nonmatmul_kernel_ops": sum(traffic.calls.values()),
+        "nonmatmul_gb_by_group": {k: round(v / GB, 2) for k, v in traffic.by_group.most_common()},
         "matmul_tflop": round(flops / 1e12, 2),
         "flop_per_nonmatmul_byte": round(flops / total, 1),
         "adamw_gb": round(params * 4 * 7 / GB, 2),  # fused AdamW: reads p, g, m, v; writes p, m, v
