@@ -18,6 +18,11 @@ on load, see :class:`Attention`). What differs from a plain ``nn.Module`` stack,
   kernel, instead of three of each); cross-attention one ``to_kv`` on the context.
 - **No masks, head dim 64, last dim contiguous**, so SDPA takes the flash kernel on a GPU;
   ``q``/``k``/``v`` are strided views of the fused projection, which flash accepts as is.
+- **Layouts chosen for the next kernel, not copied into** (``benchmarks/t2v_traffic.py``:
+  bytes moved by non-matmul kernels per step). A norm's output cast writes the layout its
+  consumer views (attention tokens), its input and gradient go to contiguous fp32 in one
+  cast, residual adds read the token / window layouts as strided views, and the qkv split
+  lets its backward's ``stack`` write the projection's layout directly.
 """
 
 from __future__ import annotations
@@ -68,9 +73,14 @@ class _Norm(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         nd, spec = ctx.nd, ctx.spec
         xn, wn, bn = _dense(x, nd), _up(weight, nd), _up(bias, nd)
-        gy = _dense(grad, nd)  # one pass from the consumer's layout (tokens, windows) and dtype
         if ctx.silu:  # recompute the norm's output instead of having kept it
-            gy = aten.silu_backward(gy, _norm_fwd(xn, wn, bn, spec)[0])
+            y = _norm_fwd(xn, wn, bn, spec)[0]
+            # the gradient read in its own dtype, upcast on load (exact: the same fp32 numbers
+            # as a cast first, without the cast's pass); written over y. Contiguous, as CPU
+            # kernels round strided operands differently (scalar, not vector, exp)
+            gy = aten.silu_backward.grad_input(grad.contiguous(), y, grad_input=y)
+        else:  # one pass from the consumer's layout (tokens, windows) and dtype
+            gy = _dense(grad, nd)
         mask = list(ctx.needs_input_grad[:3])
         if spec[0] == "group":
             _, n, c, hw, groups, _ = spec

@@ -130,6 +130,6 @@ class SwapAttention(nn.Module):
         wf, wh, ww = win
         sizes = {"nf": num_frames // wf, "nh": h // wh, "nw": w // ww, "wf": wf, "wh": wh}
         update = rearrange(out, f"{TOKENS} -> {WINDOWED}", **sizes)  # a view
-        out = window_view(residual, num_frames, win) + update  # takes residual's layout, so
-        # the fold back below is a view too
+        # the sum takes residual's layout (NCHW or channels-last): the fold back is a view too
+        out = window_view(residual, num_frames, win) + update
         return rearrange(out, f"{WINDOWED} -> (b nf wf) c (nh wh) (nw ww)")  # (BF, C, H, W)

@@ -26,6 +26,7 @@ from hdvg.t2v.config import UNetConfig
 from hdvg.t2v.layers import (
     SpatialTransformer,
     TemporalTransformer,
+    compute_dtype,
     group_norm_silu,
     is_channels_last,
 )
@@ -397,7 +398,8 @@ class SwapUNet(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)  # (B,)
         temb = timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, 4C0)
-        ctx = text.repeat_interleave(f, dim=0)  # (BF, L, D)
+        # cast once, before the repeat: autocast would cast it again at every cross-attention
+        ctx = text.to(compute_dtype(sample)).repeat_interleave(f, dim=0)  # (BF, L, D)
 
         x = rearrange(sample, "b c f h w -> (b f) c h w")  # (BF, C, H, W)
         x = self.conv_in(x)  # (BF, C0, H, W)

@@ -313,6 +313,44 @@ def test_memory_lean_layers_match_plain_ops():
         assert torch.equal(layer_norm(ln, xb), ln(xb))
 
 
+def test_norm_cuda_autocast_policy_matches_plain_ops():
+    """The norm as CUDA autocast runs it (fp32 compute, bf16 in and out), here on CPU tensors:
+    bit-equal to the plain fp32 ops and casts, for a strided input and for an output written
+    in a consumer's layout (``perm``), values and gradients."""
+    import torch.nn.functional as F
+
+    from hdvg.t2v.layers import _Norm
+
+    torch.manual_seed(0)
+    gn, ln = torch.nn.GroupNorm(4, 16), torch.nn.LayerNorm(16)
+    for p in [*gn.parameters(), *ln.parameters()]:
+        torch.nn.init.normal_(p)
+    x0 = torch.randn(2, 3, 16, 5, 7).bfloat16().permute(0, 2, 1, 3, 4)  # (2, 16, 3, 5, 7)
+
+    def plain(x, w, b):
+        if w.shape[0] == x.shape[1]:
+            return F.group_norm(x.float(), 4, w, b, gn.eps)
+        return F.layer_norm(x.float(), [16], w, b, ln.eps)
+
+    cases = [(gn, silu, perm) for silu in (False, True) for perm in (None, (0, 3, 4, 2, 1))]
+    for norm, silu, perm in [*cases, (ln, False, None)]:
+        spec = ("group", 2, 16, 3 * 5 * 7, 4, gn.eps) if norm is gn else ("layer", [16], ln.eps)
+        x = x0 if norm is gn else x0.transpose(1, -1)  # layer norm: C last, strided
+        leaves = [t.detach().clone().requires_grad_() for t in (x, norm.weight, norm.bias)]
+        got = _Norm.apply(*leaves, spec, silu, torch.float32, torch.bfloat16, perm)
+        ref = [t.detach().clone().requires_grad_() for t in leaves]
+        y = plain(*ref)
+        want = (F.silu(y) if silu else y).bfloat16()
+        g = torch.randn_like(want)
+        got.backward(g)
+        want.backward(g)
+        assert torch.equal(got, want)
+        if perm:
+            assert got.permute(perm).is_contiguous()
+        for a, b in zip(leaves, ref, strict=True):
+            assert torch.equal(a.grad, b.grad)
+
+
 def test_separate_qkv_weights_fuse_on_load():
     """Checkpoints with diffusers' separate to_q/to_k/to_v load into the fused projections."""
     model = SwapUNet(tiny_cfg())
