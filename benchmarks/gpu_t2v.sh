@@ -10,6 +10,8 @@
 # in the JSON, full kernel tables in $OUT/t2v_profile_<run>.hdvg.txt.
 # Every run has its own `timeout` and writes each row to $OUT/t2v_bench.json as it is measured,
 # so a timeout or an OOM loses only that run. Needs only the repo and `pip install -e .[dev]`.
+# Not run here: benchmarks/t2v_traffic.py (the step's non-matmul bytes) uses fake tensors and
+# gives the same figure on any CPU host; compare its before/after with this script's step time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
