@@ -282,7 +282,7 @@ def main() -> int:
     ap.add_argument("--pool-runs", default=None,
                     help="instead of the two above: WORKERSxCALLS,... e.g. 14x1,14x2,15x2")  # fmt: skip
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
-                    help="caption.cache, for the direct loop and the stage alike")
+                    help="caption.cache, for the direct loop and the stage alike")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
