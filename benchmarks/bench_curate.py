@@ -68,11 +68,12 @@ def floor_decode(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def run_hdvg(src: Path, out: Path) -> float:
+def run_hdvg(src: Path, out: Path, ray_address: str | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
+    extra = ["--ray-address", ray_address] if ray_address else []
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "hdvg", "curate", str(ROOT / "pipelines" / "smoke.yaml"),
-                    "--input", str(src), "--output", str(out), "--quiet"], check=True)  # fmt: skip
+                    "--input", str(src), "--output", str(out), "--quiet", *extra], check=True)  # fmt: skip
     return time.perf_counter() - t0
 
 
@@ -85,6 +86,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1,
                     help="curate K hard-linked copies of the sources (K x the footage; each "
                          "copy is its own source, decoded in full by both sides)")  # fmt: skip
+    ap.add_argument("--ray-address", default=None,
+                    help="join a running Ray (e.g. after `ray start --head`) instead of the "
+                         "embedded one: the job without Ray's start-up")  # fmt: skip
     a = ap.parse_args()
     wd = Path(a.workdir)
     src = wd / "sources"
@@ -103,7 +107,7 @@ def main() -> None:
     floors, hdvgs = [], []
     for _ in range(a.repeats):  # interleaved, so drift on a shared machine hits both
         floors.append(floor_decode(paths))
-        hdvgs.append(run_hdvg(src, wd / "out"))
+        hdvgs.append(run_hdvg(src, wd / "out", a.ray_address))
     run = json.loads((wd / "out" / "run.json").read_text())
     res = {
         "date": time.strftime("%Y-%m-%d"),
@@ -111,6 +115,7 @@ def main() -> None:
         "source_minutes": round(sum(media_duration(p) for p in paths) / 60, 2),
         "files": len(paths),
         "copies": a.copies,
+        "ray": a.ray_address or "embedded",
         "floor_s": [round(x, 2) for x in floors],
         "hdvg_s": [round(x, 2) for x in hdvgs],
         "ratio_best": round(min(hdvgs) / min(floors), 3),
