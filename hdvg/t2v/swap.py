@@ -79,14 +79,18 @@ def window_merge(
 ) -> torch.Tensor:
     """Inverse of :func:`window_partition`: ``(B*nW, wf*wh*ww, C)`` -> ``(B*F, C, H, W)``,
     NCHW-contiguous or, with ``channels_last``, laid out ``(b f h w c)`` in memory."""
-    wf, wh, ww = window
-    sizes = {"nf": num_frames // wf, "nh": height // wh, "nw": width // ww,
-             "wf": wf, "wh": wh, "ww": ww}  # fmt: skip
-    src = "(b nf nh nw) (wf wh ww) c"
+    sizes = _window_sizes(num_frames, height, width, window)
     if channels_last:  # the same copy, into the layout of a channels-last residual stream
-        cl = rearrange(tokens, f"{src} -> (b nf wf) (nh wh) (nw ww) c", **sizes)
+        cl = rearrange(tokens, f"{TOKENS} -> (b nf wf) (nh wh) (nw ww) c", **sizes)
         return cl.permute(0, 3, 1, 2)  # (BF, C, H, W)
-    return rearrange(tokens, f"{src} -> (b nf wf) c (nh wh) (nw ww)", **sizes)
+    return rearrange(tokens, f"{TOKENS} -> (b nf wf) c (nh wh) (nw ww)", **sizes)
+
+
+def _window_sizes(num_frames: int, height: int, width: int, window: tuple[int, int, int]):
+    """The einops sizes that fold ``TOKENS`` rows back into windows."""
+    wf, wh, ww = window
+    return {"nf": num_frames // wf, "nh": height // wh, "nw": width // ww,
+            "wf": wf, "wh": wh, "ww": ww}  # fmt: skip
 
 
 class SwapAttention(nn.Module):
@@ -127,8 +131,7 @@ class SwapAttention(nn.Module):
         out = self.attn(rearrange(q, to_tokens), rearrange(kv, to_tokens))  # (B*nW, T, C)
         if residual is None:
             return window_merge(out, num_frames, h, w, win, is_channels_last(spatial))
-        wf, wh, ww = win
-        sizes = {"nf": num_frames // wf, "nh": h // wh, "nw": w // ww, "wf": wf, "wh": wh}
+        sizes = _window_sizes(num_frames, h, w, win)
         update = rearrange(out, f"{TOKENS} -> {WINDOWED}", **sizes)  # a view
         # the sum takes residual's layout (NCHW or channels-last): the fold back is a view too
         out = window_view(residual, num_frames, win) + update
