@@ -111,7 +111,9 @@ class DecodedFrames:
 class FrameReader:
     """Decode a video once with ffmpeg into small BGR frames plus their exact timestamps.
 
-    Frames come from ffmpeg's stdout as raw bgr24; `showinfo` (placed before the scaler so it
+    Frames come from ffmpeg's stdout as raw yuv420p and leave as BGR: swscale's packed-RGB
+    output path costs ~8 % of the whole decode on 720p H.264 (callgrind), OpenCV's
+    I420→BGR on the thumbnail ~0.04 ms. `showinfo` (placed before the scaler so it
     sees the decoder's keyframe flags) prints each frame's pts on stderr. Passing timestamps
     through (`-fps_mode passthrough`) keeps variable-frame-rate sources exact. A watchdog
     kills ffmpeg when no frame arrives for `stall_s` or the whole decode exceeds `timeout_s`.
@@ -130,6 +132,8 @@ class FrameReader:
         gray: tuple[int, int, int] | None = None,
     ):
         self.path, self.width, self.height, self.fast = path, width, height, fast
+        if width % 2 or height % 2:
+            raise ValueError(f"frame size must be even for yuv420p, got {width}x{height}")
         self.timeout_s, self.stall_s, self.threads = timeout_s, stall_s, threads
         # (width, height, every): also emit every `every`-th frame as a luma thumbnail on a
         # second pipe, from the same decode (see `gray_frames`)
@@ -170,7 +174,7 @@ class FrameReader:
         scale = f"scale={self.width}:{self.height}:flags=fast_bilinear"
         head = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "info",
                 "-threads", str(self.threads), *fast, "-i", self.path]  # fmt: skip
-        out1 = ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1"]
+        out1 = ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "yuv420p", "pipe:1"]
         gray_r = gray_w = None
         if self.gray is None:
             cmd = [*head, "-map", "0:v:0", "-vf", f"showinfo=checksum=0,{scale}", *out1]
@@ -216,14 +220,19 @@ class FrameReader:
                 return
 
         threading.Thread(target=watchdog, daemon=True).start()
-        frame_bytes = self.width * self.height * 3
+        import cv2
+
+        # I420: a full-size luma plane, then two quarter-size chroma planes (even sizes)
+        yuv_shape = (self.height * 3 // 2, self.width)
+        frame_bytes = yuv_shape[0] * yuv_shape[1]
         try:
             while True:
                 buf = proc.stdout.read(frame_bytes)
                 if len(buf) < frame_bytes:
                     break
                 last = time.monotonic()
-                yield np.frombuffer(buf, np.uint8).reshape(self.height, self.width, 3)
+                yuv = np.frombuffer(buf, np.uint8).reshape(yuv_shape)
+                yield cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_I420)
         finally:
             done.set()
             if proc.poll() is None:
