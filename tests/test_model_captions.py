@@ -75,8 +75,20 @@ def test_blip2_static_kv_cache_gives_the_same_captions(tiny, clip_bytes):
     assert sta.generate_kwargs()["cache_implementation"] == "static"
     assert "cache_implementation" not in dyn.generate_kwargs()
     a, b = _clips(clip_bytes, 4), _clips(clip_bytes, 4)  # batches of 3 and 1
+    shapes = {}
+    for name, st in (("dyn", dyn), ("sta", sta)):
+        gen = st.model.generate
+
+        def spy(*args, _gen=gen, _name=name, **kw):
+            shapes.setdefault(_name, []).append(tuple(kw["pixel_values"].shape[:1]))
+            return _gen(*args, **kw)
+
+        st.model.generate = spy
     dyn.process_batch(a, [None] * 4)
     sta.process_batch(b, [None] * 4)
+    # the short last batch runs padded under the static cache (one shape, one compile on
+    # CUDA), and its real rows' captions are those of the unpadded dynamic run
+    assert shapes == {"dyn": [(3,), (1,)], "sta": [(3,), (3,)]}
     assert [c.caption for c in b] == [c.caption for c in a]
     assert all(c.caption for c in b)
     with pytest.raises(Exception, match="caption.cache"):

@@ -59,7 +59,8 @@ class CaptionConfig:
     decode_threads: int = 4  # clips decoded in parallel ahead of generation (PyAV frees the GIL)
     # dynamic | static: a preallocated KV cache; on CUDA transformers then compiles the decode
     # step into CUDA graphs (one launch per token instead of thousands), so `generate` no
-    # longer waits on a CPU shared with the frame pool. Costs a compile per batch shape.
+    # longer waits on a CPU shared with the frame pool. One compile: short batches are
+    # padded to batch_size (`_pad_rows`).
     cache: str = "dynamic"
 
     def validate(self) -> None:
@@ -239,6 +240,9 @@ class CaptionStage(ModelMixin, Stage):
         import torch
 
         t1 = time.perf_counter()
+        n = len(inputs["pixel_values"])
+        if self.cfg.cache == "static":
+            inputs = _pad_rows(inputs, self._images_per_batch())
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         pix = inputs["pixel_values"]
         if pix.dtype == torch.uint8:  # resized by the pool; normalised here
@@ -251,11 +255,16 @@ class CaptionStage(ModelMixin, Stage):
         if self.cfg.prompt and out.shape[1] > inputs.get("input_ids", out).shape[1] and (
             self.cfg.backend == "blip"):  # fmt: skip
             out = out[:, inputs["input_ids"].shape[1] :]
+        out = out[:n]  # the rows `_pad_rows` added
         texts = [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
         self.timings.update(to_device_s=t2 - t1, generate_s=t3 - t2,
                             decode_text_s=time.perf_counter() - t3, batches=1,
                             images=len(texts))  # fmt: skip
         return texts
+
+    def _images_per_batch(self) -> int:
+        per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
+        return max(1, self.cfg.batch_size // per_clip) * per_clip
 
     def generate_kwargs(self) -> dict:
         """`generate` settings from the config (also what the benchmark's direct loop uses)."""
@@ -275,7 +284,7 @@ class CaptionStage(ModelMixin, Stage):
 
     def process_batch(self, clips: list[Clip], ctx: list[StageContext]) -> None:
         per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
-        step = max(1, self.cfg.batch_size // per_clip)
+        step = self._images_per_batch() // per_clip
         chunks = [clips[i : i + step] for i in range(0, len(clips), step)]
         texts: dict[int, list[str]] = {}
         with (ThreadPoolExecutor(self.cfg.decode_threads, "caption-decode") as dec,
@@ -301,3 +310,17 @@ class CaptionStage(ModelMixin, Stage):
             if id(c) in texts:
                 c.caption = consensus(texts[id(c)])
                 c.caption_model = self.label
+
+
+def _pad_rows(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """A short batch (the last of a run, or of an actor's block) padded to `rows` with copies
+    of its last row. Under a static KV cache each new batch shape costs a fresh compile of
+    the decode step (CUDA graphs, seconds); one shape compiles once. Greedy decoding treats
+    rows independently and every row has the same prompt, so the real rows' captions are
+    unchanged; the caller drops the copies' outputs."""
+    import torch
+
+    n = len(inputs["pixel_values"])
+    if n >= rows:
+        return inputs
+    return {k: torch.cat([v, v[-1:].expand(rows - n, *v.shape[1:])]) for k, v in inputs.items()}
