@@ -2,6 +2,7 @@
 
     python benchmarks/bench_curate.py --minutes 10 --files 6 --workdir bench_out/curate
     python benchmarks/bench_curate.py --minutes 10 --files 6 --copies 3   # 30 minutes
+    python benchmarks/bench_curate.py --repeats 4 --against HEAD~1         # A/B two revisions
 
 Makes `--files` 720p H.264 sources (shots of 3-9 s from moving lavfi sources, keyframes
 at cuts as scene-aware encoders place them; cached in --workdir), then, in the same run:
@@ -68,13 +69,28 @@ def floor_decode(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def run_hdvg(src: Path, out: Path, ray_address: str | None = None) -> float:
+def run_hdvg(src: Path, out: Path, ray_address: str | None = None, tree: Path = ROOT) -> float:
+    """The whole command, run from `tree` (this checkout, or an exported revision): the
+    driver's sys.path starts there and Ray hands the driver's path to its workers."""
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--ray-address", ray_address] if ray_address else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hdvg", "curate", str(ROOT / "pipelines" / "smoke.yaml"),
-                    "--input", str(src), "--output", str(out), "--quiet", *extra], check=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "hdvg", "curate", str(tree / "pipelines" / "smoke.yaml"),
+                    "--input", str(src.resolve()), "--output", str(out.resolve()), "--quiet",
+                    *extra], check=True, cwd=tree, env=env)  # fmt: skip
     return time.perf_counter() - t0
+
+
+def export_revision(rev: str, dest: Path) -> Path:
+    """`git archive REV` of this repository unpacked into dest (replaced if present)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def main() -> None:
@@ -89,6 +105,9 @@ def main() -> None:
     ap.add_argument("--ray-address", default=None,
                     help="join a running Ray (e.g. after `ray start --head`) instead of the "
                          "embedded one: the job without Ray's start-up")  # fmt: skip
+    ap.add_argument("--against", metavar="REV", default=None,
+                    help="also time a git revision's code in every repeat (interleaved, order "
+                         "alternating): an A/B that the machine's drift does not decide")  # fmt: skip
     a = ap.parse_args()
     wd = Path(a.workdir)
     src = wd / "sources"
@@ -104,10 +123,15 @@ def main() -> None:
                 os.link(p, q)
                 linked.append(q)
         paths = linked
-    floors, hdvgs = [], []
-    for _ in range(a.repeats):  # interleaved, so drift on a shared machine hits both
+    other = export_revision(a.against, wd / "against") if a.against else None
+    floors, hdvgs, others = [], [], []
+    for r in range(a.repeats):  # interleaved, so drift on a shared machine hits both
         floors.append(floor_decode(paths))
+        if other is not None and r % 2:
+            others.append(run_hdvg(src, wd / "out_against", a.ray_address, other))
         hdvgs.append(run_hdvg(src, wd / "out", a.ray_address))
+        if other is not None and not r % 2:
+            others.append(run_hdvg(src, wd / "out_against", a.ray_address, other))
     run = json.loads((wd / "out" / "run.json").read_text())
     res = {
         "date": time.strftime("%Y-%m-%d"),
@@ -126,11 +150,25 @@ def main() -> None:
         "ratio_pairs_median": round(
             statistics.median(h / f for f, h in zip(floors, hdvgs, strict=True)), 3
         ),
+        **(against_fields(a.against, floors, hdvgs, others) if other is not None else {}),
         "clips": run["counts"]["clips_by_status"],
         "stage_seconds": run["stage_seconds"],
     }
     (wd / "result.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
+
+
+def against_fields(rev: str, floors: list, hdvgs: list, others: list) -> dict:
+    return {
+        "against": rev,
+        "against_s": [round(x, 2) for x in others],
+        "against_ratio_pairs": [round(o / f, 3) for f, o in zip(floors, others, strict=True)],
+        # this checkout's time over the revision's in the same repeat: < 1 is faster
+        "vs_against_pairs": [round(h / o, 3) for h, o in zip(hdvgs, others, strict=True)],
+        "vs_against_median": round(
+            statistics.median(h / o for h, o in zip(hdvgs, others, strict=True)), 3
+        ),
+    }
 
 
 def media_duration(p: Path) -> float:
