@@ -73,6 +73,7 @@ def run_hdvg(src: Path, out: Path, ray_address: str | None = None, tree: Path = 
     """The whole command, run from `tree` (this checkout, or an exported revision): the
     driver's sys.path starts there and Ray hands the driver's path to its workers."""
     shutil.rmtree(out, ignore_errors=True)
+    tree = tree.resolve()
     extra = ["--ray-address", ray_address] if ray_address else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))  # fmt: skip
