@@ -126,13 +126,11 @@ def main() -> None:
         paths = linked
     other = export_revision(a.against, wd / "against") if a.against else None
     floors, hdvgs, others = [], [], []
+    runs = [(hdvgs, wd / "out", ROOT)] + ([(others, wd / "out_against", other)] if other else [])
     for r in range(a.repeats):  # interleaved, so drift on a shared machine hits both
         floors.append(floor_decode(paths))
-        if other is not None and r % 2:
-            others.append(run_hdvg(src, wd / "out_against", a.ray_address, other))
-        hdvgs.append(run_hdvg(src, wd / "out", a.ray_address))
-        if other is not None and not r % 2:
-            others.append(run_hdvg(src, wd / "out_against", a.ray_address, other))
+        for times, out, tree in runs[:: -1 if r % 2 else 1]:  # A/B order alternates
+            times.append(run_hdvg(src, out, a.ray_address, tree))
     run = json.loads((wd / "out" / "run.json").read_text())
     res = {
         "date": time.strftime("%Y-%m-%d"),

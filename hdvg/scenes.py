@@ -159,7 +159,7 @@ def detect_scenes(
     start_s: float | None = None, end_s: float | None = None, gray: bool = False,
 ) -> SceneResult:  # fmt: skip
     """Decode once; detect cuts (or use the given scenes); return spans ≤ max_clip_s."""
-    from scenedetect.common import framerate_to_fraction
+    from scenedetect.common import FrameTimecode, framerate_to_fraction
 
     w, h = frame_size(probe, cfg.frame_width)
     fps = probe.fps or 25.0
@@ -177,46 +177,25 @@ def detect_scenes(
     )
     detector = make_detector(cfg) if cfg.detector != "none" and not given else None
     rate = framerate_to_fraction(fps)  # once, not per frame (float → Fraction is slow)
-    with _single_threaded_cv2():
-        return _detect(reader, detector, rate, fps, thumbs, cfg, given, start_s, end_s)
-
-
-@contextlib.contextmanager
-def _single_threaded_cv2():
-    """OpenCV's thread pool on 256-px frames costs more than it saves: BGR→HSV takes
-    0.10 CPU-ms with 2 threads against 0.06 with one, and each source already has its own
-    core. Restored afterwards: other stages in the same worker may want the threads."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
-
-
-def _detect(reader, detector, rate, fps, thumbs, cfg, given, start_s, end_s) -> SceneResult:
-    from scenedetect.common import FrameTimecode
-
     sample_every = max(1, round(fps / 2))  # ~2 samples per second for pre-cut filters
     cuts: list[int] = []
     samples: list[FrameSample] = []
     n = 0
-    for i, frame in enumerate(reader):
-        if detector is not None:
-            for tc in detector.process_frame(FrameTimecode(i, rate), frame):
-                cuts.append(tc.frame_num)
-                if thumbs is not None:
-                    thumbs.cut(tc.frame_num)
-        while reader.gray_frames:
-            thumbs.offer(*reader.gray_frames.popleft())
-        if i % sample_every == 0:
-            # per-row / per-column brightest value: enough for bar detection, 1000× smaller
-            # (channel-wise maximum: numpy's reduce over a length-3 last axis is 20× slower)
-            m = np.maximum(np.maximum(frame[..., 0], frame[..., 1]), frame[..., 2])
-            samples.append(FrameSample(i, 0.0, (m.max(axis=1), m.max(axis=0))))
-        n = i + 1
+    with _single_threaded_cv2():
+        for i, frame in enumerate(reader):
+            if detector is not None:
+                for tc in detector.process_frame(FrameTimecode(i, rate), frame):
+                    cuts.append(tc.frame_num)
+                    if thumbs is not None:
+                        thumbs.cut(tc.frame_num)
+            while reader.gray_frames:
+                thumbs.offer(*reader.gray_frames.popleft())
+            if i % sample_every == 0:
+                # per-row / per-column brightest value: enough for bar detection, 1000× smaller
+                # (channel-wise maximum: numpy's reduce over a length-3 last axis is 20× slower)
+                m = np.maximum(np.maximum(frame[..., 0], frame[..., 1]), frame[..., 2])
+                samples.append(FrameSample(i, 0.0, (m.max(axis=1), m.max(axis=0))))
+            n = i + 1
     if detector is not None and hasattr(detector, "post_process"):
         for tc in detector.post_process(FrameTimecode(max(n - 1, 0), rate)) or []:
             cuts.append(tc.frame_num)
@@ -246,6 +225,21 @@ def _detect(reader, detector, rate, fps, thumbs, cfg, given, start_s, end_s) -> 
     for sp in spans:
         out.extend(split_long(pts, sp, cfg.max_clip_s))
     return SceneResult(out, cuts, pts, keyframes, samples)
+
+
+@contextlib.contextmanager
+def _single_threaded_cv2():
+    """OpenCV's thread pool on 256-px frames costs more than it saves: BGR→HSV takes
+    0.10 CPU-ms with 2 threads against 0.06 with one, and each source already has its own
+    core. Restored afterwards: other stages in the same worker may want the threads."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _end_time(pts: list[float], end_frame: int) -> float:

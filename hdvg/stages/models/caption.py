@@ -242,7 +242,8 @@ class CaptionStage(ModelMixin, Stage):
         t1 = time.perf_counter()
         n = len(inputs["pixel_values"])
         if self.cfg.cache == "static":
-            inputs = _pad_rows(inputs, self._images_per_batch())
+            clips, per_clip = self._batch_shape()
+            inputs = _pad_rows(inputs, clips * per_clip)
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         pix = inputs["pixel_values"]
         if pix.dtype == torch.uint8:  # resized by the pool; normalised here
@@ -262,9 +263,10 @@ class CaptionStage(ModelMixin, Stage):
                             images=len(texts))  # fmt: skip
         return texts
 
-    def _images_per_batch(self) -> int:
+    def _batch_shape(self) -> tuple[int, int]:
+        """(clips, images per clip) of one `generate` call."""
         per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
-        return max(1, self.cfg.batch_size // per_clip) * per_clip
+        return max(1, self.cfg.batch_size // per_clip), per_clip
 
     def generate_kwargs(self) -> dict:
         """`generate` settings from the config (also what the benchmark's direct loop uses)."""
@@ -283,8 +285,7 @@ class CaptionStage(ModelMixin, Stage):
         return self._timings
 
     def process_batch(self, clips: list[Clip], ctx: list[StageContext]) -> None:
-        per_clip = 1 if self.cfg.frames == "middle" else self.cfg.n_frames
-        step = self._images_per_batch() // per_clip
+        step, _ = self._batch_shape()
         chunks = [clips[i : i + step] for i in range(0, len(clips), step)]
         texts: dict[int, list[str]] = {}
         with (ThreadPoolExecutor(self.cfg.decode_threads, "caption-decode") as dec,
