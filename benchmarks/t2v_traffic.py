@@ -1,6 +1,7 @@
 """Memory traffic of the t2v U-Net's non-matmul kernels in one training step, without a GPU.
 
     python benchmarks/t2v_traffic.py [--batch 4] [--width 320] [--top 15] [--json PATH]
+        [--norm-kernel aten|triton]
 
 One forward + backward of the paper-like size (16 frames, latent 32x32, widths
 ``width``*[1,2,4,4], text length 77) at bf16 autocast as the trainer runs it (``mse_loss``
@@ -291,6 +292,55 @@ class CustomFunctionGroups:
             setattr(cls, name, orig)
 
 
+class FusedNormLaunches:
+    """``--norm-kernel triton``: the fused kernels of ``hdvg/t2v/kernels.py`` cannot run on fake
+    tensors, so each launch is replaced by the bytes the kernel moves by construction: tensor
+    arguments read or written as many times as its passes touch them (group norm forward: the
+    input three times -- mean, variance, normalize -- and the output once; backward: input and
+    gradient twice, the input gradient once; layer norm: one tile per row, each tensor once),
+    the per-channel / per-row statistics and weights once. What the launch would write is left
+    unwritten (fake tensors hold no data)."""
+
+    PASSES = {  # kernel -> times per big tensor argument, by position
+        "_gn_fwd": {0: 3, 1: 1},
+        "_gn_bwd": {0: 2, 1: 2, 2: 1},
+        "_ln_fwd": {0: 1, 1: 1},
+        "_ln_bwd": {0: 1, 1: 1, 2: 1},
+    }
+
+    def __init__(self, traffic: Traffic):
+        from hdvg.t2v import kernels, layers
+
+        self.kernels, self.layers, self.saved = kernels, layers, {}
+        for name, passes in self.PASSES.items():
+            self.saved[name] = getattr(kernels, name)
+            setattr(kernels, name, self.launcher(name, passes, traffic))
+        layers.use_norm_kernel("triton")
+
+    @staticmethod
+    def launcher(name, passes, traffic):
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **_):
+                    nbytes = 0
+                    for i, a in enumerate(args):
+                        if torch.is_tensor(a):
+                            nbytes += passes.get(i, 1) * span_bytes(a)
+                    key = (traffic.phase, f"triton {name}", traffic.labels.current)
+                    traffic.bytes[key] += nbytes
+                    traffic.calls[key] += 1
+                    traffic.by_group["norms (fused Triton kernels)"] += nbytes
+
+                return run
+
+        return Launch()
+
+    def close(self):
+        for name, fn in self.saved.items():
+            setattr(self.kernels, name, fn)
+        self.layers.use_norm_kernel("aten")
+
+
 def measure(args) -> dict:
     mode = FakeTensorMode()
     with torch.device("meta"):
@@ -300,6 +350,7 @@ def measure(args) -> dict:
     labels = Labels(model)
     traffic = Traffic(labels)
     grouped = CustomFunctionGroups(traffic)
+    fused = FusedNormLaunches(traffic) if args.norm_kernel == "triton" else None
     paths: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     with mode, cuda_autocast_and_sdpa(paths):
@@ -316,6 +367,8 @@ def measure(args) -> dict:
                 nodes = run_backward(loss, traffic)
     labels.close()
     grouped.close()
+    if fused:
+        fused.close()
     wall = time.perf_counter() - t0
 
     by_op: collections.Counter = collections.Counter()
@@ -339,6 +392,7 @@ def measure(args) -> dict:
         "frames": args.frames,
         "latent": args.latent,
         "width": args.width,
+        "norm_kernel": args.norm_kernel,
         "params": params,
         "nonmatmul_gb": round(total / GB, 2),
         "nonmatmul_gb_fwd": round(
@@ -369,6 +423,10 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--top", type=int, default=15, help="rows per table")
+    p.add_argument(
+        "--norm-kernel", default="aten", choices=["aten", "triton"],
+        help="the norms as eager aten ops, or the fused Triton kernels (counted, not run)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     row = measure(args)

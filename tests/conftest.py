@@ -25,6 +25,12 @@ def _has_cuda() -> bool:
         return False
 
 
+# Without a GPU, Triton's interpreter runs the fused norm kernels on CPU tensors
+# (tests/t2v/test_kernels.py); it is chosen when triton is first imported, so here.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

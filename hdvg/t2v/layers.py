@@ -120,6 +120,10 @@ def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool, perm=Non
     else:
         nd = out_dtype = x.dtype
     with torch.autocast(dev, enabled=False):
+        if _norm_kernel == "triton" and not torch.compiler.is_compiling():
+            y = _triton_norm(x, weight, bias, spec, silu, out_dtype, perm)
+            if y is not None:
+                return y
         if torch.compiler.is_compiling() or _compiled_norm is not None:
             fn = _plain_norm if torch.compiler.is_compiling() else _compiled_norm
             groups = spec[4] if spec[0] == "group" else 0  # 0: layer norm over the last dim
@@ -141,6 +145,36 @@ def _plain_norm(x, weight, bias, groups: int, eps: float, silu: bool, nd, out_dt
 
 
 _compiled_norm = None  # set by compile_norms
+_norm_kernel = "aten"  # set by use_norm_kernel
+
+
+def use_norm_kernel(kind: str = "aten") -> None:
+    """``"triton"``: group / layer norms (+ SiLU) of CUDA tensors run the fused kernels of
+    :mod:`hdvg.t2v.kernels` (one bf16 read per pass, fp32 statistics; layouts they do not
+    take keep the aten path); ``"aten"``: :class:`_Norm`. Process-wide, like
+    :func:`compile_norms`."""
+    global _norm_kernel
+    if kind not in ("aten", "triton"):
+        raise ValueError(f"norm kernel must be aten or triton, not {kind!r}")
+    if kind == "triton":
+        from hdvg.t2v import kernels
+
+        if not kernels.available():
+            raise RuntimeError("train.norm_kernel: triton needs the triton package")
+    _norm_kernel = kind
+
+
+def _triton_norm(x, weight, bias, spec, silu, out_dtype, perm):
+    from hdvg.t2v import kernels
+
+    if not (x.is_cuda or kernels.interpreting()):
+        return None
+    if spec[0] == "group":
+        _, _, _, _, groups, eps = spec
+        return kernels.group_norm(x, weight, bias, groups, eps, silu, out_dtype, perm)
+    if len(spec[1]) != 1 or silu:
+        return None
+    return kernels.layer_norm(x, weight, bias, spec[2], out_dtype)
 
 
 def compile_norms(enable: bool = True, **compile_kwargs) -> None:

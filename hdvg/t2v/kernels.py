@@ -1,0 +1,370 @@
+"""Fused Triton kernels for the U-Net's group and layer norms (+ SiLU), forward and backward.
+
+Why: on the H100 the eager training step spends ~53 % of its GPU time in elementwise and copy
+kernels, and the norms move 57 % of those bytes (RESULTS.md, issue 7): CUDA autocast runs a
+norm in fp32, so eager aten casts the bf16 input up, normalizes, applies SiLU and casts the
+result down in separate passes (~28 bytes per element in forward). These kernels read the bf16
+input once per pass and write the bf16 output once, with the statistics in fp32 -- the numbers
+of autocast's fp32 norm up to summation order -- and the backward recomputes the normalized
+value instead of keeping it. Traffic per element: forward 3 reads + 1 write, backward 2 x
+(input + gradient) + 1 write.
+
+Layouts: a group norm's input, output and gradient are read and written through their
+strides (``(N, C, *spatial)`` with the spatial dims merged to at most two), so the
+``perm`` layouts :func:`hdvg.t2v.layers.group_norm` writes for its consumers (attention tokens)
+and the strided residual sums it reads need no copy. A layer norm takes rows whose leading dims
+merge to one stride. Anything else returns ``None`` and the caller keeps the aten path.
+
+Selected with ``train.norm_kernel: triton`` (:func:`hdvg.t2v.layers.use_norm_kernel`). Tests
+run the same kernels on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, fp32
+arithmetic on bf16 loads, as the GPU does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch's CUDA wheels ship triton
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1`` when this module loaded)."""
+    return triton is not None and isinstance(
+        _gn_fwd, triton.runtime.interpreter.InterpretedFunction
+    )
+
+
+# --- layouts ----------------------------------------------------------------------------
+
+
+def _merge(shape, *strides_list, keep: int = 2):
+    """Merge adjacent dims that are one dim in every tensor's strides; None if more than
+    ``keep`` remain. Returns (sizes, [strides per tensor]), padded to ``keep`` dims in front."""
+    sizes: list[int] = []
+    merged: list[list[int]] = [[] for _ in strides_list]
+    for d, size in enumerate(shape):
+        if size == 1:
+            continue  # any stride: never stepped over
+        cur = [st[d] for st in strides_list]
+        if sizes and all(m[-1] == c * size for m, c in zip(merged, cur, strict=True)):
+            sizes[-1] *= size
+            for m, c in zip(merged, cur, strict=True):
+                m[-1] = c
+        else:
+            sizes.append(size)
+            for m, c in zip(merged, cur, strict=True):
+                m.append(c)
+    if len(sizes) > keep:
+        return None
+    pad = keep - len(sizes)
+    return [1] * pad + sizes, [[0] * pad + m for m in merged]
+
+
+def _group_layout(x: torch.Tensor, *others: torch.Tensor):
+    """``(N, C, S1, S2)`` sizes and each tensor's strides, or None when the spatial dims do not
+    merge to two in every tensor."""
+    tensors = (x, *others)
+    sp = _merge(x.shape[2:], *[t.stride()[2:] for t in tensors])
+    if sp is None:
+        return None
+    sizes, sp_strides = sp
+    strides = [(t.stride(0), t.stride(1), *s) for t, s in zip(tensors, sp_strides, strict=True)]
+    return (x.shape[0], x.shape[1], *sizes), strides
+
+
+def _row_layout(x: torch.Tensor, *others: torch.Tensor):
+    """``(M, C)``: rows over the leading dims (merged to one stride in every tensor), C last."""
+    tensors = (x, *others)
+    rows = _merge(x.shape[:-1], *[t.stride()[:-1] for t in tensors], keep=1)
+    if rows is None:
+        return None
+    (m,), row_strides = rows
+    return (m, x.shape[-1]), [
+        (r[0], t.stride(-1)) for t, r in zip(tensors, row_strides, strict=True)
+    ]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _group_tiles(cg: int, s: int) -> tuple[int, int]:
+    bc = _pow2(cg)
+    return bc, max(2, min(_pow2(s), max(2, 4096 // bc)))
+
+
+def _row_tiles(c: int) -> tuple[int, int]:
+    bc = _pow2(c)
+    return bc, max(1, 4096 // bc)
+
+
+# --- group norm ---------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_ptrs(base, c, s, S, S2, sc, s1, s2, cmask):
+        """Offsets of a (channels x flattened-spatial) tile and its mask."""
+        off = c[:, None] * sc + ((s // S2) * s1 + (s % S2) * s2)[None, :]
+        return base + off, cmask[:, None] & (s < S)[None, :]
+
+    @triton.jit
+    def _gn_fwd(X, Y, W, B, MEAN, RSTD, G, CG, S, S2, eps,
+                sxn, sxc, sx1, sx2, syn, syc, sy1, sy2,
+                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        n = pid // G
+        g = pid % G
+        cr = tl.arange(0, BLOCK_C)
+        cmask = cr < CG
+        c = g * CG + cr
+        xb = X + n * sxn
+        count = (CG * S).to(tl.float32)
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2, cmask)
+            acc += tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # two passes: no cancellation on large groups
+            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2, cmask)
+            d = tl.where(m, tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        yb = Y + n * syn
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
+            y = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd * w + b
+            if SILU:
+                y = y * tl.sigmoid(y)
+            yptr, _ = _tile_ptrs(yb, c, s, S, S2, syc, sy1, sy2, cmask)
+            tl.store(yptr, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gn_bwd(X, DY, DX, W, B, MEAN, RSTD, DW, DB, G, CG, C, S, S2,
+                sxn, sxc, sx1, sx2, sgn, sgc, sg1, sg2, sdn, sdc, sd1, sd2,
+                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        n = pid // G
+        g = pid % G
+        cr = tl.arange(0, BLOCK_C)
+        cmask = cr < CG
+        c = g * CG + cr
+        mean = tl.load(MEAN + pid)
+        rstd = tl.load(RSTD + pid)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        xb = X + n * sxn
+        gb = DY + n * sgn
+        count = (CG * S).to(tl.float32)
+        a_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy over (s), per channel
+        a_dyx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy * xhat
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
+            xhat = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+            gptr, _ = _tile_ptrs(gb, c, s, S, S2, sgc, sg1, sg2, cmask)
+            dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+            if SILU:  # the gradient through SiLU, from the recomputed pre-activation
+                z = xhat * w + b
+                sig = tl.sigmoid(z)
+                dy = dy * sig * (1.0 + z * (1.0 - sig))
+            a_dy += dy
+            a_dyx += tl.where(m, dy * xhat, 0.0)
+        dw = tl.sum(a_dyx, axis=1)  # per channel, this sample
+        db = tl.sum(a_dy, axis=1)
+        tl.store(DW + n * C + c, dw, mask=cmask)
+        tl.store(DB + n * C + c, db, mask=cmask)
+        wv = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        m1 = tl.sum(db * wv, axis=0) / count  # mean of dy * w over the group
+        m2 = tl.sum(dw * wv, axis=0) / count  # mean of dy * w * xhat
+        db_ = DX + n * sdn
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
+            xhat = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+            gptr, _ = _tile_ptrs(gb, c, s, S, S2, sgc, sg1, sg2, cmask)
+            dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+            if SILU:
+                z = xhat * w + b
+                sig = tl.sigmoid(z)
+                dy = dy * sig * (1.0 + z * (1.0 - sig))
+            dx = (dy * w - m1 - xhat * m2) * rstd
+            dptr, _ = _tile_ptrs(db_, c, s, S, S2, sdc, sd1, sd2, cmask)
+            tl.store(dptr, dx.to(DX.dtype.element_ty), mask=m)
+
+    # --- layer norm (rows) ------------------------------------------------------------------
+
+    @triton.jit
+    def _row_tile(base, rows, c, M, C, sm, sc):
+        m = (rows < M)[:, None] & (c < C)[None, :]
+        return base + rows[:, None] * sm + c[None, :] * sc, m
+
+    @triton.jit
+    def _ln_fwd(X, Y, W, B, MEAN, RSTD, M, C, eps, sxm, sxc, sym, syc,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # a (rows x C) tile
+        c = tl.arange(0, BLOCK_C)
+        ptr, m = _row_tile(X, rows, c, M, C, sxm, sxc)
+        x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        d = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        tl.store(MEAN + rows, mean, mask=rows < M)
+        tl.store(RSTD + rows, rstd, mask=rows < M)
+        w = tl.load(W + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        yptr, _ = _row_tile(Y, rows, c, M, C, sym, syc)
+        tl.store(yptr, (d * rstd[:, None] * w + b).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _ln_bwd(X, DY, DX, W, MEAN, RSTD, DW, DB, M, C, ROWS,
+                sxm, sxc, sgm, sgc, sdm, sdc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        w = tl.load(W + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+        db = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, ROWS, BLOCK_M):  # ROWS rows per program: weight grads summed here
+            rows = pid * ROWS + r0 + tl.arange(0, BLOCK_M)
+            mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
+            ptr, m = _row_tile(X, rows, c, M, C, sxm, sxc)
+            xhat = tl.where(m, (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+            gptr, _ = _row_tile(DY, rows, c, M, C, sgm, sgc)
+            dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+            g = dy * w
+            m1 = tl.sum(g, axis=1)[:, None] / C
+            m2 = tl.sum(g * xhat, axis=1)[:, None] / C
+            dptr, _ = _row_tile(DX, rows, c, M, C, sdm, sdc)
+            tl.store(dptr, ((g - m1 - xhat * m2) * rstd).to(DX.dtype.element_ty), mask=m)
+        tl.store(DW + pid * C + c, dw, mask=c < C)
+        tl.store(DB + pid * C + c, db, mask=c < C)
+
+
+# --- autograd ---------------------------------------------------------------------------
+
+
+def _out_like(x: torch.Tensor, dtype: torch.dtype, perm) -> torch.Tensor:
+    if perm is None:
+        return torch.empty_like(x, dtype=dtype)  # x's strides (dense x): one layout for both
+    inv = sorted(range(len(perm)), key=perm.__getitem__)
+    return x.new_empty([x.shape[p] for p in perm], dtype=dtype).permute(inv)
+
+
+def _grad_for(grad: torch.Tensor, x: torch.Tensor, layout_fn):
+    """The incoming gradient as is when it merges like x; else copied into x's layout."""
+    lay = layout_fn(x, grad)
+    if lay is None:
+        grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
+        lay = layout_fn(x, grad)
+    return grad, lay
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, perm):
+        y = _out_like(x, out_dtype, perm)
+        (n, c, s1, s2), (sx, sy) = _group_layout(x, y)
+        cg = c // groups
+        mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        bc, bs = _group_tiles(cg, s1 * s2)
+        _gn_fwd[(n * groups,)](x, y, weight, bias, mean, rstd, groups, cg, s1 * s2, s2, eps,
+                               *sx, *sy, SILU=silu, BLOCK_C=bc, BLOCK_S=bs)  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad, _ = _grad_for(grad, x, _group_layout)
+        dx = torch.empty_like(x)
+        (n, c, s1, s2), (sx, sg, sd) = _group_layout(x, grad, dx)
+        groups = ctx.groups
+        cg = c // groups
+        dw = torch.empty(n, c, device=x.device, dtype=torch.float32)
+        db = torch.empty_like(dw)
+        bc, bs = _group_tiles(cg, s1 * s2)
+        _gn_bwd[(n * groups,)](x, grad, dx, weight, bias, mean, rstd, dw, db, groups, cg, c,
+                               s1 * s2, s2, *sx, *sg, *sd,
+                               SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs)  # fmt: skip
+        return (dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype),
+                None, None, None, None, None)  # fmt: skip
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, out_dtype):
+        y = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # rows contiguous: for matmuls
+        (m, c), (sx, sy) = _row_layout(x, y)
+        mean = torch.empty(m, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        bc, bm = _row_tiles(c)
+        _ln_fwd[(-(-m // bm),)](x, y, weight, bias, mean, rstd, m, c, eps, *sx, *sy,
+                                BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad, _ = _grad_for(grad, x, _row_layout)
+        dx = torch.empty_like(x)
+        (m, c), (sx, sg, sd) = _row_layout(x, grad, dx)
+        bc, bm = _row_tiles(c)
+        rows = bm * -(-m // (bm * 1024))  # at most ~1k programs; weight grads summed per program
+        progs = -(-m // rows)
+        dw = torch.empty(progs, c, device=x.device, dtype=torch.float32)
+        db = torch.empty_like(dw)
+        _ln_bwd[(progs,)](x, grad, dx, weight, mean, rstd, dw, db, m, c, rows,
+                          *sx, *sg, *sd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+        return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
+
+
+def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, perm=None):
+    """Fused group norm (+ SiLU) of ``x`` (N, C, *spatial), output in ``out_dtype`` laid out
+    as ``x.permute(perm)`` contiguous (``x``'s own layout when ``perm`` is None); None when
+    the layout is one the kernel does not take."""
+    if x.dim() < 3 or x.shape[1] % groups or _group_layout(x, _probe(x, perm)) is None:
+        return None
+    return _GroupNorm.apply(x, weight, bias, groups, eps, silu, out_dtype, perm)
+
+
+def layer_norm(x, weight, bias, eps: float, out_dtype):
+    """Fused layer norm over the last dim; None when the rows do not merge to one stride."""
+    if x.dim() < 2 or _row_layout(x) is None:
+        return None
+    return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
+
+
+def _probe(x: torch.Tensor, perm):
+    """A zero-storage tensor with the output's strides, to check the layout before allocating."""
+    if perm is None:
+        return x
+    order = list(perm)
+    shape = [x.shape[p] for p in order]
+    st, acc = [0] * len(order), 1
+    for i in reversed(range(len(order))):
+        st[i] = acc
+        acc *= shape[i]
+    inv = sorted(range(len(order)), key=order.__getitem__)
+    return torch.empty_strided(x.shape, [st[inv[d]] for d in range(x.dim())], device="meta")

@@ -1,0 +1,174 @@
+"""The fused Triton norm kernels (``hdvg/t2v/kernels.py``), run on the CPU by Triton's
+interpreter: the same kernel code the GPU compiles, with fp32 arithmetic on bf16 loads. On a machine with
+a GPU the same tests run the compiled kernels on CUDA tensors.
+
+Each case compares values and all three gradients with the plain aten ops, on the layouts the
+U-Net hands the norms (contiguous NCHW / NCFHW, a frames-major strided NCFHW, outputs written
+in the consumer's ``perm`` layout, strided rows); the U-Net test runs a whole forward and
+backward with every norm it can take on the kernels. (On the GPU: tests/t2v/test_gpu.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def kernels():
+    """hdvg.t2v.kernels, its kernels compiled for the GPU or, without one, run by Triton's
+    interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` before triton is imported)."""
+    import hdvg.t2v.kernels as mod
+
+    if not torch.cuda.is_available():
+        assert mod.interpreting(), "TRITON_INTERPRET=1 must be set before triton is imported"
+    with torch.device(DEV):
+        yield mod
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _grads(out, g, leaves):
+    out.backward(g)
+    return [t.grad for t in leaves]
+
+
+GROUP_CASES = [
+    # shape, groups, silu, perm, layout of x (a function of a contiguous tensor)
+    ((2, 8, 5, 6), 4, True, None, lambda t: t),  # res-block: NCHW, SiLU folded in
+    ((2, 8, 3, 4, 4), 2, True, None, lambda t: t),  # temporal conv: NCFHW
+    # temporal transformer: frames-major memory (B, F, C, H, W) seen as NCFHW, output laid
+    # out (b h w f c) for the temporal tokens
+    (
+        (2, 12, 3, 4, 5),
+        3,
+        False,
+        (0, 3, 4, 2, 1),
+        lambda t: t.transpose(1, 2).contiguous().transpose(1, 2),
+    ),  # fmt: skip
+    ((3, 6, 4, 4), 3, False, (0, 2, 3, 1), lambda t: t),  # spatial transformer: (n h w c) tokens
+    ((2, 6, 4, 4), 2, True, None, lambda t: t.contiguous(memory_format=torch.channels_last)),
+]
+
+
+@pytest.mark.parametrize("shape,groups,silu,perm,layout", GROUP_CASES)
+def test_group_norm_kernel_matches_aten(kernels, shape, groups, silu, perm, layout):
+    torch.manual_seed(0)
+    x = layout(torch.randn(shape) * 3 + 1)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    leaves, ref = _leaves(x, w, b), _leaves(x, w, b)
+    got = kernels.group_norm(*leaves, groups, 1e-5, silu, torch.float32, perm)
+    want = F.group_norm(ref[0], groups, ref[1], ref[2], 1e-5)
+    want = F.silu(want) if silu else want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if perm is None:
+        assert got.stride() == x.stride()  # written in the input's own layout
+    else:
+        assert got.permute(perm).is_contiguous()
+    # the consumer's gradient arrives in its own layout (here: a transposed copy)
+    g = torch.randn(shape).transpose(-1, -2).contiguous().transpose(-1, -2)
+    for a, r in zip(_grads(got, g, leaves), _grads(want, g, ref), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_kernel_bf16_as_cuda_autocast(kernels):
+    """bf16 in, bf16 out, fp32 statistics: what CUDA autocast's fp32 norm gives once cast."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8, 4, 6) * 2 + 3).bfloat16()
+    w, b = torch.randn(8), torch.randn(8)
+    got = kernels.group_norm(x, w, b, 4, 1e-5, True, torch.bfloat16)
+    want = F.silu(F.group_norm(x.float(), 4, w, b, 1e-5))
+    assert got.dtype == torch.bfloat16
+    # the fp32 result rounded once to bf16 (summation order differs from aten's): to nearest
+    # on the GPU, half an ulp; the interpreter's cast truncates, a whole ulp
+    rel = 2**-8 if DEV == "cuda" else 2**-7
+    assert ((got.float() - want).abs() <= want.abs() * rel + 1e-6).all()
+    assert (got.float() - want).abs().max() > 0  # it did round: bf16 output, not fp32
+
+
+def test_layer_norm_kernel_matches_aten(kernels):
+    torch.manual_seed(0)
+    # contiguous tokens, and every other token of a larger tensor (rows merge to one stride)
+    for x in (torch.randn(4, 5, 16) * 2, (torch.randn(3, 8, 10) + 1)[:, ::2]):
+        w, b = torch.randn(x.shape[-1]), torch.randn(x.shape[-1])
+        leaves, ref = _leaves(x, w, b), _leaves(x, w, b)
+        got = kernels.layer_norm(*leaves, 1e-5, torch.float32)
+        want = F.layer_norm(ref[0], x.shape[-1:], ref[1], ref[2], 1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous()  # rows for the next matmul
+        g = torch.randn(x.shape)
+        for a, r in zip(_grads(got, g, leaves), _grads(want, g, ref), strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_layouts_the_kernels_do_not_take_are_declined(kernels):
+    """None (the caller keeps aten) for rows that do not merge to one stride, as the swap
+    windows' views, and for spatial dims that do not merge to two."""
+    w = torch.randn(10)
+    rows = torch.randn(4, 3, 10).transpose(0, 1)  # (3, 4, 10) with strides (10, 30, 1)
+    assert kernels.layer_norm(rows, w, w, 1e-5, torch.float32) is None
+    x = torch.randn(2, 10, 3, 4, 5).permute(0, 1, 3, 2, 4)  # spatial (4, 3, 5): no merge
+    assert kernels.group_norm(x, w, w, 2, 1e-5, False, torch.float32) is None
+
+
+def test_unet_with_triton_norms_matches_aten(kernels):
+    """A whole tiny U-Net forward + backward with ``train.norm_kernel: triton``: aten's output
+    and every parameter's gradient; most of the norms ran on the kernels."""
+    from hdvg.t2v import layers
+    from hdvg.t2v.swap import SwapAttention
+    from hdvg.t2v.unet import SwapUNet
+    from tests.t2v.test_model import tiny_cfg
+
+    torch.manual_seed(0)  # 2 groups and a 2-frame 4x4 latent: few interpreted programs
+    model = SwapUNet(tiny_cfg(temporal_conv_dropout=0.0, norm_num_groups=2)).train()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv3d, SwapAttention)):  # every branch carries values
+            for p in m.parameters():
+                if p.dim() > 1:
+                    torch.nn.init.normal_(p, std=0.1)
+    x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 32)
+    want = model(x, 10, text)
+    want.square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ran, declined = [], []  # norm kinds the kernels took / left to aten
+    real = layers._triton_norm
+
+    def spy(x, weight, bias, spec, *rest):
+        y = real(x, weight, bias, spec, *rest)
+        (declined if y is None else ran).append(spec[0])
+        return y
+
+    layers.use_norm_kernel("triton")
+    layers._triton_norm = spy
+    try:
+        got = model(x, 10, text)
+        got.square().mean().backward()
+    finally:
+        layers.use_norm_kernel("aten")
+        layers._triton_norm = real
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, p in zip(ref, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+    assert "group" in ran and "layer" in ran
+    assert set(declined) <= {"layer"} and len(ran) > 3 * len(declined)  # only swap windows
+
+
+def test_norm_kernel_config():
+    from hdvg.config import ConfigError
+    from hdvg.t2v.config import TrainConfig
+    from hdvg.t2v.layers import use_norm_kernel
+
+    assert TrainConfig(norm_kernel="triton").norm_kernel == "triton"
+    with pytest.raises(ConfigError, match="norm_kernel"):
+        TrainConfig(norm_kernel="cudnn")
+    with pytest.raises(ValueError, match="aten or triton"):
+        use_norm_kernel("cudnn")
