@@ -2,7 +2,7 @@
 
     python benchmarks/bench_t2v.py model  [--batch 4 8 12 16] [--ckpt [layer|attention|block]]
         [--compile [full|regional|norms] [--compile-timeout 120]] [--channels-last]
-        [--norm-kernel aten|triton]
+        [--kernels aten|triton]
         [--baseline [--baseline-batch 8]] [--profile PREFIX] [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
 
@@ -16,7 +16,7 @@ batch. ``--compile``: the whole U-Net, ``regional``: each block apart (``unet.co
 ``norms``: only the group / layer norms (``layers.compile_norms``), the rest eager;
 the first (compiling) step is timed apart as ``compile_s`` and given up after
 ``--compile-timeout`` s. ``--channels-last``: NHWC weights and input (``unet.to_channels_last``).
-``--norm-kernel triton``: the norms in the fused Triton kernels (``t2v/kernels.py``).
+``--kernels triton``: the norms in the fused Triton kernels (``t2v/kernels.py``).
 ``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
 by kernel kind and the top kernels, ``PREFIX.<model>.txt`` the full table. Each row is written
 to ``--json`` as soon as it is measured. On a CPU it runs the tiny preset (a smoke run).
@@ -61,7 +61,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def bench_model(args, results: list[dict]) -> list[dict]:
     from hdvg.t2v.config import UNET_PRESETS, UNetConfig, from_dict
-    from hdvg.t2v.layers import use_norm_kernel
+    from hdvg.t2v.layers import use_kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
@@ -82,8 +82,8 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         compiled = args.compile if kind == "hdvg" else None
-        norm_kernel = args.norm_kernel if kind == "hdvg" else "aten"
-        use_norm_kernel(norm_kernel)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
+        kernels = args.kernels if kind == "hdvg" else "aten"
+        use_kernels(kernels)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
         flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
         fwd = model
         if compiled == "full":
@@ -99,7 +99,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
-            row |= {"norm_kernel": norm_kernel}
+            row |= {"kernels": kernels}
             row |= {"grad_checkpointing": args.ckpt if kind == "hdvg" else None}  # hdvg only
             row |= {"ckpt_levels": args.ckpt_levels if kind == "hdvg" else None}
             x, t, text = make_inputs(b, cfg, frames, lat, device, args)
@@ -426,7 +426,7 @@ def main() -> int:
     )
     p.add_argument("--channels-last", action="store_true", help="NHWC model and input")
     p.add_argument(
-        "--norm-kernel", default="aten", choices=["aten", "triton"],
+        "--kernels", default="aten", choices=["aten", "triton"],
         help="group / layer norms: eager aten ops or the fused Triton kernels (t2v/kernels.py)",
     )  # fmt: skip
     p.add_argument("--baseline", action="store_true", help="also time diffusers' UNet3D")

@@ -2,7 +2,7 @@
 # t2v GPU check, <= 300 s on one H100: gpu-marked tests, then the training step at the paper-like
 # size (16x256x256 -> latent 16x32x32, SD-2.x widths, bf16 autocast, AdamW), batch 4, three ways:
 #   A. eager, NCHW (the baseline: 0.454 s/step, 14.2 % MFU last time), then the same with the
-#      norms in the fused Triton kernels (--norm-kernel triton)
+#      norms and GEGLU in the fused Triton kernels (--kernels triton)
 #   B. (run last) channels-last (NHWC convs, temporal convs as (3,1) Conv2d) + only the norms
 #      compiled (fused norm+SiLU in NHWC; CUDA's eager group norm copies to NCHW and back)
 #   C. (run second) channels-last + regional torch.compile (each block compiled apart;
@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BENCH="python benchmarks/bench_t2v.py model --json $JSON --batch 4"
 
-# 1. gpu tests: bf16 equivalence with diffusers on the device, the fused Triton norms against
+# 1. gpu tests: bf16 equivalence with diffusers on the device, the fused Triton kernels against
 #    aten (test_kernels.py runs its cases on CUDA tensors there) (~40 s with Triton's compiles;
 #    the training run skips without ffmpeg)
 timeout 75 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -p no:cacheprovider \
@@ -34,10 +34,10 @@ timeout 75 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -
 timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
   || echo "eager bench failed or timed out: rc=$?"
 
-# 2b. A with the norms in the fused Triton kernels (train.norm_kernel: triton), profiled: the
-#     same step with ~1/3 of the norms' memory traffic (benchmarks/t2v_traffic.py)
-timeout 60 $BENCH --steps 6 --warmup 2 --norm-kernel triton --profile "$OUT/t2v_profile_triton" \
-  || echo "triton-norms bench failed or timed out: rc=$?"
+# 2b. A with the norms and GEGLU in the fused Triton kernels (train.kernels: triton), profiled:
+#     the same step with half the non-matmul bytes (t2v_traffic.py: 332.9 -> 164.5 GB)
+timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --profile "$OUT/t2v_profile_triton" \
+  || echo "triton-kernels bench failed or timed out: rc=$?"
 
 # 3. C: channels-last + regional compile, with all that is left but B's 90 s (34 graphs;
 #    compile_s apart). Before B: the larger possible gain, and the one that needs the time.

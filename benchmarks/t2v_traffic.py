@@ -1,7 +1,7 @@
 """Memory traffic of the t2v U-Net's non-matmul kernels in one training step, without a GPU.
 
     python benchmarks/t2v_traffic.py [--batch 4] [--width 320] [--top 15] [--json PATH]
-        [--norm-kernel aten|triton]
+        [--kernels aten|triton]
 
 One forward + backward of the paper-like size (16 frames, latent 32x32, widths
 ``width``*[1,2,4,4], text length 77) at bf16 autocast as the trainer runs it (``mse_loss``
@@ -292,13 +292,13 @@ class CustomFunctionGroups:
             setattr(cls, name, orig)
 
 
-class FusedNormLaunches:
-    """``--norm-kernel triton``: the fused kernels of ``hdvg/t2v/kernels.py`` cannot run on fake
+class FusedKernelLaunches:
+    """``--kernels triton``: the fused kernels of ``hdvg/t2v/kernels.py`` cannot run on fake
     tensors, so each launch is replaced by the bytes the kernel moves by construction: tensor
     arguments read or written as many times as its passes touch them (group norm forward: the
     input three times -- mean, variance, normalize -- and the output once; backward: input and
-    gradient twice, the input gradient once; layer norm: one tile per row, each tensor once),
-    the per-channel / per-row statistics and weights once. What the launch would write is left
+    gradient twice, the input gradient once; layer norm: one tile per row, each tensor once;
+    GEGLU: each tensor once), the per-channel / per-row statistics and weights once. What the launch would write is left
     unwritten (fake tensors hold no data)."""
 
     PASSES = {  # kernel -> times per big tensor argument, by position
@@ -306,6 +306,8 @@ class FusedNormLaunches:
         "_gn_bwd": {0: 2, 1: 2, 2: 1},
         "_ln_fwd": {0: 1, 1: 1},
         "_ln_bwd": {0: 1, 1: 1, 2: 1},
+        "_geglu_fwd": {0: 1, 1: 1},
+        "_geglu_bwd": {0: 1, 1: 1, 2: 1},
     }
 
     def __init__(self, traffic: Traffic):
@@ -315,7 +317,7 @@ class FusedNormLaunches:
         for name, passes in self.PASSES.items():
             self.saved[name] = getattr(kernels, name)
             setattr(kernels, name, self.launcher(name, passes, traffic))
-        layers.use_norm_kernel("triton")
+        layers.use_kernels("triton")
 
     @staticmethod
     def launcher(name, passes, traffic):
@@ -329,7 +331,8 @@ class FusedNormLaunches:
                     key = (traffic.phase, f"triton {name}", traffic.labels.current)
                     traffic.bytes[key] += nbytes
                     traffic.calls[key] += 1
-                    traffic.by_group["norms (fused Triton kernels)"] += nbytes
+                    kind = "GEGLU" if "geglu" in name else "norms"
+                    traffic.by_group[f"{kind} (fused Triton kernels)"] += nbytes
 
                 return run
 
@@ -338,7 +341,7 @@ class FusedNormLaunches:
     def close(self):
         for name, fn in self.saved.items():
             setattr(self.kernels, name, fn)
-        self.layers.use_norm_kernel("aten")
+        self.layers.use_kernels("aten")
 
 
 def measure(args) -> dict:
@@ -350,7 +353,7 @@ def measure(args) -> dict:
     labels = Labels(model)
     traffic = Traffic(labels)
     grouped = CustomFunctionGroups(traffic)
-    fused = FusedNormLaunches(traffic) if args.norm_kernel == "triton" else None
+    fused = FusedKernelLaunches(traffic) if args.kernels == "triton" else None
     paths: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     with mode, cuda_autocast_and_sdpa(paths):
@@ -392,7 +395,7 @@ def measure(args) -> dict:
         "frames": args.frames,
         "latent": args.latent,
         "width": args.width,
-        "norm_kernel": args.norm_kernel,
+        "kernels": args.kernels,
         "params": params,
         "nonmatmul_gb": round(total / GB, 2),
         "nonmatmul_gb_fwd": round(
@@ -424,8 +427,8 @@ def main() -> int:
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--top", type=int, default=15, help="rows per table")
     p.add_argument(
-        "--norm-kernel", default="aten", choices=["aten", "triton"],
-        help="the norms as eager aten ops, or the fused Triton kernels (counted, not run)",
+        "--kernels", default="aten", choices=["aten", "triton"],
+        help="norms and GEGLU as eager aten ops, or the fused Triton kernels (counted, not run)",
     )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()

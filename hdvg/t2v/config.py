@@ -148,10 +148,11 @@ class TrainConfig:
     # finished compiling within ~2 min on an H100 host, RESULTS.md); "norms": only the norms
     # (layers.compile_norms), the rest eager; false: eager
     compile: bool | str = False
-    # "triton": group / layer norms (+ SiLU) of CUDA tensors in fused kernels (t2v/kernels.py:
-    # bf16 in and out, fp32 statistics, ~1/3 of the eager norms' memory traffic); "aten": the
-    # eager ops (layers._Norm). Ignored on the CPU and under compile
-    norm_kernel: str = "aten"
+    # "triton": the group / layer norms (+ SiLU) and GEGLU of CUDA tensors in fused kernels
+    # (t2v/kernels.py: bf16 in and out, fp32 inside; the step's non-matmul memory traffic
+    # 333 -> ~165 GB at batch 4, t2v_traffic.py); "aten": the eager ops. Ignored on the CPU
+    # and under compile
+    kernels: str = "aten"
     # train only the new modules (swap attention) and keep the loaded base frozen
     train_only_new: bool = False
 
@@ -162,8 +163,8 @@ class TrainConfig:
             raise ConfigError("train.prediction_type must be epsilon or v_prediction")
         if self.compile not in (True, False, "full", "regional", "norms"):
             raise ConfigError("train.compile must be true, false, full, regional or norms")
-        if self.norm_kernel not in ("aten", "triton"):
-            raise ConfigError("train.norm_kernel must be aten or triton")
+        if self.kernels not in ("aten", "triton"):
+            raise ConfigError("train.kernels must be aten or triton")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the U-Net's group and layer norms (+ SiLU), forward and backward.
+"""Fused Triton kernels for the U-Net's group and layer norms (+ SiLU) and GEGLU, forward and
+backward.
 
 Why: on the H100 the eager training step spends ~53 % of its GPU time in elementwise and copy
 kernels, and the norms move 57 % of those bytes (RESULTS.md, issue 7): CUDA autocast runs a
@@ -6,18 +7,22 @@ norm in fp32, so eager aten casts the bf16 input up, normalizes, applies SiLU an
 result down in separate passes (~28 bytes per element in forward). These kernels read the bf16
 input once per pass and write the bf16 output once, with the statistics in fp32 -- the numbers
 of autocast's fp32 norm up to summation order -- and the backward recomputes the normalized
-value instead of keeping it. Traffic per element: forward 3 reads + 1 write, backward 2 x
-(input + gradient) + 1 write.
+value instead of keeping it. Bytes per element: group norm forward 3 reads + 1 write, backward
+2 x (input + gradient) + 1 write; layer norm (a row in one tile) 1 + 1 and 3 + 1. GEGLU
+(``h * gelu(gate)``, 19 passes of its width in eager forward + backward) is one read of the
+projection and one write each way. ``benchmarks/t2v_traffic.py --kernels triton`` counts the
+step's non-matmul bytes with them: 332.9 -> 164.5 GB at batch 4, paper size.
 
 Layouts: a group norm's input, output and gradient are read and written through their
 strides (``(N, C, *spatial)`` with the spatial dims merged to at most two), so the
 ``perm`` layouts :func:`hdvg.t2v.layers.group_norm` writes for its consumers (attention tokens)
-and the strided residual sums it reads need no copy. A layer norm takes rows whose leading dims
-merge to one stride. Anything else returns ``None`` and the caller keeps the aten path.
+and the strided residual sums it reads need no copy. A layer norm's rows may span up to six
+strided dims (the swap windows' view of the frames) and write contiguous rows for the next
+matmul. Anything else returns ``None`` and the caller keeps the aten path.
 
-Selected with ``train.norm_kernel: triton`` (:func:`hdvg.t2v.layers.use_norm_kernel`). Tests
+Selected with ``train.kernels: triton`` (:func:`hdvg.t2v.layers.use_kernels`). Tests
 run the same kernels on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, fp32
-arithmetic on bf16 loads, as the GPU does).
+arithmetic on bf16 loads, as the GPU does; its bf16 cast truncates where the GPU rounds).
 """
 
 from __future__ import annotations
@@ -82,16 +87,36 @@ def _group_layout(x: torch.Tensor, *others: torch.Tensor):
     return (x.shape[0], x.shape[1], *sizes), strides
 
 
+ROW_DIMS = 6  # leading dims a layer norm's rows may span after merging (swap windows: 6)
+
+
 def _row_layout(x: torch.Tensor, *others: torch.Tensor):
-    """``(M, C)``: rows over the leading dims (merged to one stride in every tensor), C last."""
+    """Rows over the leading dims, C last: ``(M, C)``, the rows' dims merged in every tensor
+    (at most :data:`ROW_DIMS`, else None) as one int64 table ``[sizes, strides of each
+    tensor]`` for the kernels, and each tensor's channel stride."""
     tensors = (x, *others)
-    rows = _merge(x.shape[:-1], *[t.stride()[:-1] for t in tensors], keep=1)
+    rows = _merge(x.shape[:-1], *[t.stride()[:-1] for t in tensors], keep=ROW_DIMS)
     if rows is None:
         return None
-    (m,), row_strides = rows
-    return (m, x.shape[-1]), [
-        (r[0], t.stride(-1)) for t, r in zip(tensors, row_strides, strict=True)
-    ]
+    sizes, strides = rows
+    first = next((i for i, n in enumerate(sizes) if n != 1), ROW_DIMS - 1)  # drop the padding
+    table = (*sizes[first:], *(s for st in strides for s in st[first:]))
+    return (x.shape[:-1].numel(), x.shape[-1]), table, [t.stride(-1) for t in tensors]
+
+
+_TABLES: dict = {}
+
+
+def _device_table(table: tuple[int, ...], device) -> torch.Tensor:
+    """The row table on the device, made once per layout: a fresh host-to-device copy per call
+    would wait for the GPU's queue (a pageable copy) and stall the CPU's run-ahead."""
+    key = (table, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        if len(_TABLES) > 512:
+            _TABLES.clear()
+        t = _TABLES[key] = torch.tensor(table, dtype=torch.int64, device=device)
+    return t
 
 
 def _pow2(n: int) -> int:
@@ -211,16 +236,30 @@ if triton is not None:
     # --- layer norm (rows) ------------------------------------------------------------------
 
     @triton.jit
-    def _row_tile(base, rows, c, M, C, sm, sc):
-        m = (rows < M)[:, None] & (c < C)[None, :]
-        return base + rows[:, None] * sm + c[None, :] * sc, m
+    def _row_offsets(RD, rows, T: tl.constexpr, ND: tl.constexpr):
+        """Element offsets of ``rows`` in tensor ``T``, from the table ``RD``: ND row-dim sizes,
+        then each tensor's ND strides (innermost dim last)."""
+        r = rows.to(tl.int64)
+        off = tl.zeros_like(r)
+        for i in tl.static_range(ND):
+            d = ND - 1 - i
+            size = tl.load(RD + d)
+            off += (r % size) * tl.load(RD + (1 + T) * ND + d)
+            r = r // size
+        return off
 
     @triton.jit
-    def _ln_fwd(X, Y, W, B, MEAN, RSTD, M, C, eps, sxm, sxc, sym, syc,
-                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def _row_tile(base, RD, rows, c, M, C, sc, T: tl.constexpr, ND: tl.constexpr):
+        m = (rows < M)[:, None] & (c < C)[None, :]
+        off = _row_offsets(RD, rows, T, ND)
+        return base + off[:, None] + c[None, :] * sc, m
+
+    @triton.jit
+    def _ln_fwd(X, Y, W, B, MEAN, RSTD, RD, M, C, eps, sxc, syc,
+                ND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # a (rows x C) tile
         c = tl.arange(0, BLOCK_C)
-        ptr, m = _row_tile(X, rows, c, M, C, sxm, sxc)
+        ptr, m = _row_tile(X, RD, rows, c, M, C, sxc, 0, ND)
         x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         d = tl.where(m, x - mean[:, None], 0.0)
@@ -229,12 +268,12 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rows < M)
         w = tl.load(W + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
         b = tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-        yptr, _ = _row_tile(Y, rows, c, M, C, sym, syc)
+        yptr, _ = _row_tile(Y, RD, rows, c, M, C, syc, 1, ND)
         tl.store(yptr, (d * rstd[:, None] * w + b).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _ln_bwd(X, DY, DX, W, MEAN, RSTD, DW, DB, M, C, ROWS,
-                sxm, sxc, sgm, sgc, sdm, sdc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    def _ln_bwd(X, DY, DX, W, MEAN, RSTD, DW, DB, RD, M, C, ROWS, sxc, sgc, sdc,
+                ND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         w = tl.load(W + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
@@ -244,19 +283,52 @@ if triton is not None:
             rows = pid * ROWS + r0 + tl.arange(0, BLOCK_M)
             mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)[:, None]
             rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
-            ptr, m = _row_tile(X, rows, c, M, C, sxm, sxc)
+            ptr, m = _row_tile(X, RD, rows, c, M, C, sxc, 0, ND)
             xhat = tl.where(m, (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
-            gptr, _ = _row_tile(DY, rows, c, M, C, sgm, sgc)
+            gptr, _ = _row_tile(DY, RD, rows, c, M, C, sgc, 1, ND)
             dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
             g = dy * w
             m1 = tl.sum(g, axis=1)[:, None] / C
             m2 = tl.sum(g * xhat, axis=1)[:, None] / C
-            dptr, _ = _row_tile(DX, rows, c, M, C, sdm, sdc)
+            dptr, _ = _row_tile(DX, RD, rows, c, M, C, sdc, 2, ND)
             tl.store(dptr, ((g - m1 - xhat * m2) * rstd).to(DX.dtype.element_ty), mask=m)
         tl.store(DW + pid * C + c, dw, mask=c < C)
         tl.store(DB + pid * C + c, db, mask=c < C)
+
+    # --- GEGLU -------------------------------------------------------------------------
+
+    @triton.jit
+    def _gelu_parts(gate):
+        """erf-GELU of ``gate`` (F.gelu's default) and its derivative."""
+        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
+        return gate * cdf, cdf + gate * pdf
+
+    @triton.jit
+    def _geglu_fwd(A, P, N, BLOCK: tl.constexpr):
+        """``P[r] = A[r, :N] * gelu(A[r, N:])`` for rows r of contiguous (M, 2N) and (M, N)."""
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = col < N
+        hid = tl.load(A + row * 2 * N + col, mask=m, other=0.0).to(tl.float32)
+        gate = tl.load(A + row * 2 * N + N + col, mask=m, other=0.0).to(tl.float32)
+        gelu, _ = _gelu_parts(gate)
+        tl.store(P + row * N + col, (hid * gelu).to(P.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _geglu_bwd(A, GP, GA, N, BLOCK: tl.constexpr):
+        """The gradient of ``A`` from the gradient ``GP`` of ``A[:, :N] * gelu(A[:, N:])``."""
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = col < N
+        hid = tl.load(A + row * 2 * N + col, mask=m, other=0.0).to(tl.float32)
+        gate = tl.load(A + row * 2 * N + N + col, mask=m, other=0.0).to(tl.float32)
+        gp = tl.load(GP + row * N + col, mask=m, other=0.0).to(tl.float32)
+        gelu, dgelu = _gelu_parts(gate)
+        tl.store(GA + row * 2 * N + col, (gp * gelu).to(GA.dtype.element_ty), mask=m)
+        tl.store(GA + row * 2 * N + N + col, (gp * hid * dgelu).to(GA.dtype.element_ty), mask=m)
 
 
 # --- autograd ---------------------------------------------------------------------------
@@ -315,12 +387,14 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, out_dtype):
         y = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # rows contiguous: for matmuls
-        (m, c), (sx, sy) = _row_layout(x, y)
+        (m, c), table, (sxc, syc) = _row_layout(x, y)
+        nd = len(table) // 3
         mean = torch.empty(m, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         bc, bm = _row_tiles(c)
-        _ln_fwd[(-(-m // bm),)](x, y, weight, bias, mean, rstd, m, c, eps, *sx, *sy,
-                                BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+        rd = _device_table(table, x.device)
+        _ln_fwd[(-(-m // bm),)](x, y, weight, bias, mean, rstd, rd, m, c, eps, sxc, syc,
+                                ND=nd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -329,14 +403,16 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         grad, _ = _grad_for(grad, x, _row_layout)
         dx = torch.empty_like(x)
-        (m, c), (sx, sg, sd) = _row_layout(x, grad, dx)
+        (m, c), table, (sxc, sgc, sdc) = _row_layout(x, grad, dx)
+        nd = len(table) // 4
         bc, bm = _row_tiles(c)
         rows = bm * -(-m // (bm * 1024))  # at most ~1k programs; weight grads summed per program
         progs = -(-m // rows)
         dw = torch.empty(progs, c, device=x.device, dtype=torch.float32)
         db = torch.empty_like(dw)
-        _ln_bwd[(progs,)](x, grad, dx, weight, mean, rstd, dw, db, m, c, rows,
-                          *sx, *sg, *sd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+        rd = _device_table(table, x.device)
+        _ln_bwd[(progs,)](x, grad, dx, weight, mean, rstd, dw, db, rd, m, c, rows, sxc, sgc, sdc,
+                          ND=nd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
 
 
@@ -368,3 +444,26 @@ def _probe(x: torch.Tensor, perm):
         acc *= shape[i]
     inv = sorted(range(len(order)), key=order.__getitem__)
     return torch.empty_strided(x.shape, [st[inv[d]] for d in range(x.dim())], device="meta")
+
+
+def geglu(a: torch.Tensor) -> torch.Tensor | None:
+    """``h * gelu(gate)`` for ``h, gate = a.chunk(2, -1)``, one read of ``a`` and one write, in
+    ``a``'s dtype (fp32 inside); None for a non-contiguous ``a``. No autograd: the caller's
+    :class:`hdvg.t2v.layers._GegluLinear` keeps ``a`` and calls :func:`geglu_backward`."""
+    if not a.is_contiguous() or a.shape[-1] % 2:
+        return None
+    i = a.shape[-1] // 2
+    p = a.new_empty(*a.shape[:-1], i)
+    block = min(1024, _pow2(i))
+    _geglu_fwd[(a.numel() // (2 * i), -(-i // block))](a, p, i, BLOCK=block)
+    return p
+
+
+def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``a`` (contiguous, as :func:`geglu` took it) from that of its output."""
+    i = a.shape[-1] // 2
+    grad_a = torch.empty_like(a)
+    block = min(1024, _pow2(i))
+    _geglu_bwd[(a.numel() // (2 * i), -(-i // block))](a, grad_p.contiguous(), grad_a, i,
+                                                        BLOCK=block)  # fmt: skip
+    return grad_a

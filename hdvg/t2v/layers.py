@@ -120,10 +120,9 @@ def _apply_norm(x: torch.Tensor, weight, bias, spec: tuple, silu: bool, perm=Non
     else:
         nd = out_dtype = x.dtype
     with torch.autocast(dev, enabled=False):
-        if _norm_kernel == "triton" and not torch.compiler.is_compiling():
-            y = _triton_norm(x, weight, bias, spec, silu, out_dtype, perm)
-            if y is not None:
-                return y
+        y = _triton_norm(x, weight, bias, spec, silu, out_dtype, perm)
+        if y is not None:
+            return y
         if torch.compiler.is_compiling() or _compiled_norm is not None:
             fn = _plain_norm if torch.compiler.is_compiling() else _compiled_norm
             groups = spec[4] if spec[0] == "group" else 0  # 0: layer norm over the last dim
@@ -145,29 +144,37 @@ def _plain_norm(x, weight, bias, groups: int, eps: float, silu: bool, nd, out_dt
 
 
 _compiled_norm = None  # set by compile_norms
-_norm_kernel = "aten"  # set by use_norm_kernel
+_kernels = "aten"  # set by use_kernels
 
 
-def use_norm_kernel(kind: str = "aten") -> None:
-    """``"triton"``: group / layer norms (+ SiLU) of CUDA tensors run the fused kernels of
-    :mod:`hdvg.t2v.kernels` (one bf16 read per pass, fp32 statistics; layouts they do not
-    take keep the aten path); ``"aten"``: :class:`_Norm`. Process-wide, like
-    :func:`compile_norms`."""
-    global _norm_kernel
+def use_kernels(kind: str = "aten") -> None:
+    """``"triton"``: on CUDA tensors the group / layer norms (+ SiLU) and GEGLU run the fused
+    kernels of :mod:`hdvg.t2v.kernels` (one bf16 read per pass, fp32 inside; layouts they do
+    not take keep the aten path); ``"aten"``: :class:`_Norm` and :class:`_GegluLinear`'s eager
+    ops. Process-wide, like :func:`compile_norms`."""
+    global _kernels
     if kind not in ("aten", "triton"):
-        raise ValueError(f"norm kernel must be aten or triton, not {kind!r}")
+        raise ValueError(f"kernels must be aten or triton, not {kind!r}")
     if kind == "triton":
         from hdvg.t2v import kernels
 
         if not kernels.available():
-            raise RuntimeError("train.norm_kernel: triton needs the triton package")
-    _norm_kernel = kind
+            raise RuntimeError("train.kernels: triton needs the triton package")
+    _kernels = kind
+
+
+def _triton_for(x: torch.Tensor):
+    """:mod:`hdvg.t2v.kernels` when they are on and can run on ``x``, else None."""
+    if _kernels != "triton" or torch.compiler.is_compiling():
+        return None
+    from hdvg.t2v import kernels
+
+    return kernels if (x.is_cuda or kernels.interpreting()) else None
 
 
 def _triton_norm(x, weight, bias, spec, silu, out_dtype, perm):
-    from hdvg.t2v import kernels
-
-    if not (x.is_cuda or kernels.interpreting()):
+    kernels = _triton_for(x)
+    if kernels is None:
         return None
     if spec[0] == "group":
         _, _, _, _, groups, eps = spec
@@ -262,24 +269,38 @@ def _heads(proj: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ..
 
 
 class _GegluLinear(torch.autograd.Function):
-    """``linear(h * gelu(gate), w, b)`` for ``h, gate = a.chunk(2, -1)``, keeping only ``a``."""
+    """``linear(h * gelu(gate), w, b)`` for ``h, gate = a.chunk(2, -1)``, keeping only ``a``.
+    With ``use_kernels("triton")`` the product and ``a``'s gradient are one fused kernel each
+    (:func:`hdvg.t2v.kernels.geglu`), else eager ops."""
 
     @staticmethod
     def forward(ctx, a, weight, bias):
-        hid, gate = a.chunk(2, dim=-1)
+        kernels = _triton_for(a)
+        prod = kernels.geglu(a) if kernels else None
+        ctx.fused = prod is not None
+        if prod is None:
+            hid, gate = a.chunk(2, dim=-1)
+            prod = hid * F.gelu(gate)
         ctx.save_for_backward(a, weight)
         ctx.has_bias = bias is not None
-        return F.linear(hid * F.gelu(gate), weight, bias)
+        return F.linear(prod, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         a, weight = ctx.saved_tensors
-        hid, gate = a.chunk(2, dim=-1)
-        gelu = F.gelu(gate)  # recomputed: (..., I)
         g2 = grad.reshape(-1, grad.shape[-1])  # (T, C)
-        gw = g2.t().mm((hid * gelu).reshape(-1, hid.shape[-1])) if ctx.needs_input_grad[1] else None
         gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         gy = grad.matmul(weight)  # (..., I)
+        if ctx.fused:
+            from hdvg.t2v import kernels
+
+            gw = None
+            if ctx.needs_input_grad[1]:  # the product recomputed: one read of a, one write
+                gw = g2.t().mm(kernels.geglu(a).reshape(g2.shape[0], -1))
+            return kernels.geglu_backward(a, gy), gw, gb
+        hid, gate = a.chunk(2, dim=-1)
+        gelu = F.gelu(gate)  # recomputed: (..., I)
+        gw = g2.t().mm((hid * gelu).reshape(-1, hid.shape[-1])) if ctx.needs_input_grad[1] else None
         ga = torch.empty_like(a)
         torch.mul(gy, gelu, out=ga[..., : hid.shape[-1]])
         aten.gelu_backward.grad_input(gy * hid, gate, grad_input=ga[..., hid.shape[-1] :])

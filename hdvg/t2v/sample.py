@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hdvg.t2v.config import T2VConfig
-from hdvg.t2v.layers import use_norm_kernel
+from hdvg.t2v.layers import use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.train import autocast, load_checkpoint, noise_scheduler, resolved_config
 from hdvg.t2v.unet import SwapUNet
@@ -25,7 +25,7 @@ def load_for_sampling(ckpt_path: str | Path, device: torch.device, use_ema: bool
     ckpt = load_checkpoint(ckpt_path)
     cfg = resolved_config(ckpt)
     unet = SwapUNet(cfg.model.unet_config())
-    use_norm_kernel(cfg.train.norm_kernel)  # as trained (fused Triton norms apply on CUDA only)
+    use_kernels(cfg.train.kernels)  # as trained (fused Triton norms apply on CUDA only)
     unet.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     text_encoder = build_text_encoder(cfg.text_encoder)
     vae = VideoVAE(cfg.vae)

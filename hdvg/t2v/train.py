@@ -37,7 +37,7 @@ import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, UNetConfig, from_dict
 from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
-from hdvg.t2v.layers import compile_norms, use_norm_kernel
+from hdvg.t2v.layers import compile_norms, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.unet import SwapUNet, compile_regions
 from hdvg.t2v.vae import VideoVAE
@@ -321,7 +321,7 @@ def main(
     if tc.compile == "regional":  # in place, before DDP wraps it
         compile_regions(unet)
     compile_norms(tc.compile == "norms")  # process-wide: the norms of every U-Net
-    use_norm_kernel(tc.norm_kernel)
+    use_kernels(tc.kernels)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None

@@ -58,11 +58,11 @@ def test_channels_last_bf16_cuda_matches_nchw():
     assert (got.float() - want).abs().max() / want.abs().mean() < 5e-2
 
 
-def test_triton_norms_bf16_cuda_match_aten():
-    """``train.norm_kernel: triton`` on the device under bf16 autocast: the aten model's output
+def test_triton_kernels_bf16_cuda_match_aten():
+    """``train.kernels: triton`` on the device under bf16 autocast: the aten model's output
     and gradients within bf16 rounding (both compute the norms in fp32; the kernels' sums
     run in another order)."""
-    from hdvg.t2v.layers import use_norm_kernel
+    from hdvg.t2v.layers import use_kernels
     from tests.t2v.test_model import _lively_tiny_unet
 
     model = _lively_tiny_unet().cuda()
@@ -71,14 +71,14 @@ def test_triton_norms_bf16_cuda_match_aten():
     x, text, t = x.cuda(), text.cuda(), torch.tensor([3, 900]).cuda()
     runs = []
     for kind in ("aten", "triton"):
-        use_norm_kernel(kind)
+        use_kernels(kind)
         model.zero_grad()
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x, t, text)
             out.float().square().mean().backward()
         finally:
-            use_norm_kernel("aten")
+            use_kernels("aten")
         runs.append((out.float(), [p.grad.float().clone() for p in model.parameters()]))
     (want, ref), (got, grads) = runs
     assert (got - want).abs().max() / want.abs().mean() < 5e-2

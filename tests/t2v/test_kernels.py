@@ -1,4 +1,4 @@
-"""The fused Triton norm kernels (``hdvg/t2v/kernels.py``), run on the CPU by Triton's
+"""The fused Triton norm and GEGLU kernels (``hdvg/t2v/kernels.py``), run on the CPU by Triton's
 interpreter: the same kernel code the GPU compiles, with fp32 arithmetic on bf16 loads. On a machine with
 a GPU the same tests run the compiled kernels on CUDA tensors.
 
@@ -60,7 +60,7 @@ GROUP_CASES = [
 
 
 @pytest.mark.parametrize("shape,groups,silu,perm,layout", GROUP_CASES)
-def test_group_norm_kernel_matches_aten(kernels, shape, groups, silu, perm, layout):
+def test_group_kernels_matches_aten(kernels, shape, groups, silu, perm, layout):
     torch.manual_seed(0)
     x = layout(torch.randn(shape) * 3 + 1)
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
@@ -79,7 +79,7 @@ def test_group_norm_kernel_matches_aten(kernels, shape, groups, silu, perm, layo
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-def test_group_norm_kernel_bf16_as_cuda_autocast(kernels):
+def test_group_kernels_bf16_as_cuda_autocast(kernels):
     """bf16 in, bf16 out, fp32 statistics: what CUDA autocast's fp32 norm gives once cast."""
     torch.manual_seed(0)
     x = (torch.randn(2, 8, 4, 6) * 2 + 3).bfloat16()
@@ -94,10 +94,14 @@ def test_group_norm_kernel_bf16_as_cuda_autocast(kernels):
     assert (got.float() - want).abs().max() > 0  # it did round: bf16 output, not fp32
 
 
-def test_layer_norm_kernel_matches_aten(kernels):
+def test_layer_kernels_matches_aten(kernels):
     torch.manual_seed(0)
-    # contiguous tokens, and every other token of a larger tensor (rows merge to one stride)
-    for x in (torch.randn(4, 5, 16) * 2, (torch.randn(3, 8, 10) + 1)[:, ::2]):
+    from hdvg.t2v.swap import window_view
+
+    # contiguous tokens; every other token of a larger tensor (rows merge to one stride); the
+    # swap windows' view of (B*F, C, H, W) frames: (B, nF, nH, nW, wf, wh, ww, C), C strided
+    windows = window_view(torch.randn(2 * 4, 12, 4, 6), 4, (2, 2, 3))
+    for x in (torch.randn(4, 5, 16) * 2, (torch.randn(3, 8, 10) + 1)[:, ::2], windows):
         w, b = torch.randn(x.shape[-1]), torch.randn(x.shape[-1])
         leaves, ref = _leaves(x, w, b), _leaves(x, w, b)
         got = kernels.layer_norm(*leaves, 1e-5, torch.float32)
@@ -109,20 +113,45 @@ def test_layer_norm_kernel_matches_aten(kernels):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+def test_geglu_kernel_matches_aten(kernels):
+    """``h * gelu(gate)`` and the gradient of its input, one kernel each (fp32 inside)."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 2 * 24) * 2
+    ref = a.clone().requires_grad_()
+    hid, gate = ref.chunk(2, dim=-1)
+    want = hid * F.gelu(gate)
+    got = kernels.geglu(a)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(want.shape)
+    want.backward(g)
+    torch.testing.assert_close(kernels.geglu_backward(a, g), ref.grad, rtol=1e-5, atol=1e-5)
+    # bf16 in and out, one rounding of the fp32 product (the interpreter truncates: an ulp)
+    got = kernels.geglu(a.bfloat16())
+    exact = a.bfloat16().float().chunk(2, -1)
+    exact = exact[0] * F.gelu(exact[1])
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
+    assert kernels.geglu(a.transpose(0, 1)) is None  # not contiguous: the eager path
+
+
 def test_layouts_the_kernels_do_not_take_are_declined(kernels):
-    """None (the caller keeps aten) for rows that do not merge to one stride, as the swap
-    windows' views, and for spatial dims that do not merge to two."""
+    """None (the caller keeps aten) for rows over more than six strided dims, and for spatial
+    dims that do not merge to two."""
     w = torch.randn(10)
-    rows = torch.randn(4, 3, 10).transpose(0, 1)  # (3, 4, 10) with strides (10, 30, 1)
+    rows = torch.randn(*[2] * 8, 10).permute(*range(7, -1, -1), 8)  # 8 row dims, none merge
     assert kernels.layer_norm(rows, w, w, 1e-5, torch.float32) is None
+    rows = rows[0]  # 7 row dims
+    assert kernels.layer_norm(rows, w, w, 1e-5, torch.float32) is None
+    assert kernels.layer_norm(rows[0], w, w, 1e-5, torch.float32) is not None  # 6
     x = torch.randn(2, 10, 3, 4, 5).permute(0, 1, 3, 2, 4)  # spatial (4, 3, 5): no merge
     assert kernels.group_norm(x, w, w, 2, 1e-5, False, torch.float32) is None
 
 
 def test_unet_with_triton_norms_matches_aten(kernels):
-    """A whole tiny U-Net forward + backward with ``train.norm_kernel: triton``: aten's output
-    and every parameter's gradient; most of the norms ran on the kernels."""
+    """A whole tiny U-Net forward + backward with ``train.kernels: triton``: aten's output
+    and every parameter's gradient, with every norm and every GEGLU on the kernels."""
     from hdvg.t2v import layers
+    from hdvg.t2v.layers import FeedForward
     from hdvg.t2v.swap import SwapAttention
     from hdvg.t2v.unet import SwapUNet
     from tests.t2v.test_model import tiny_cfg
@@ -147,28 +176,37 @@ def test_unet_with_triton_norms_matches_aten(kernels):
         (declined if y is None else ran).append(spec[0])
         return y
 
-    layers.use_norm_kernel("triton")
-    layers._triton_norm = spy
+    gegl = []
+    real_geglu = kernels.geglu
+
+    def spy_geglu(a):
+        gegl.append(a.shape)
+        return real_geglu(a)
+
+    layers.use_kernels("triton")
+    layers._triton_norm, kernels.geglu = spy, spy_geglu
     try:
         got = model(x, 10, text)
         got.square().mean().backward()
     finally:
-        layers.use_norm_kernel("aten")
-        layers._triton_norm = real
+        layers.use_kernels("aten")
+        layers._triton_norm, kernels.geglu = real, real_geglu
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
     assert "group" in ran and "layer" in ran
-    assert set(declined) <= {"layer"} and len(ran) > 3 * len(declined)  # only swap windows
+    n_ff = sum(isinstance(m, FeedForward) for m in model.modules())
+    assert len(gegl) == 2 * n_ff > 0  # forward, and the product recomputed in backward
+    assert not declined  # the swap windows too (rows over six strided dims)
 
 
-def test_norm_kernel_config():
+def test_kernels_config():
     from hdvg.config import ConfigError
     from hdvg.t2v.config import TrainConfig
-    from hdvg.t2v.layers import use_norm_kernel
+    from hdvg.t2v.layers import use_kernels
 
-    assert TrainConfig(norm_kernel="triton").norm_kernel == "triton"
-    with pytest.raises(ConfigError, match="norm_kernel"):
-        TrainConfig(norm_kernel="cudnn")
+    assert TrainConfig(kernels="triton").kernels == "triton"
+    with pytest.raises(ConfigError, match="kernels"):
+        TrainConfig(kernels="cudnn")
     with pytest.raises(ValueError, match="aten or triton"):
-        use_norm_kernel("cudnn")
+        use_kernels("cudnn")
