@@ -109,7 +109,7 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
 
     One demux: the packets are counted (no decoding) so the sample points are known, then
     one sequential decode of those packets converts only the frames it keeps and stops after
-    the last one; the scaler downsizes in C. Raises `ValueError` on a clip without
+    the last one, skipping the GOPs that hold no kept frame; the scaler downsizes in C. Raises `ValueError` on a clip without
     decodable frames. `threads`: decoder threads, 0 = as many as cores (for one clip at a
     time); the frame pool, one clip per CPU, decodes single-threaded (a 16-thread decoder
     for a few dozen frames costs ~1.7x the CPU).
@@ -139,7 +139,10 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
         w0, h0 = cc.width, cc.height
         s = min(1.0, spec.max_side / max(w0, h0))
         w, h = max(2, round(w0 * s / 2) * 2), max(2, round(h0 * s / 2) * 2)
-        for packet in packets:
+        needed = _needed_packets(packets, at.keys(), cc.name)
+        for packet, need in zip(packets, needed, strict=True):
+            if not need:  # a GOP holding no kept frame: never fed to the decoder
+                continue
             # frames no other frame refers to are skipped unless kept: the kept frames
             # decode exactly as in a full decode, at a fraction of the work with B-frames
             cc.skip_frame = "DEFAULT" if packet.pts in at else "NONREF"
@@ -149,6 +152,11 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
                     images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
             if len(images) == len(at):
                 break
+        else:  # frames still held for reordering (no later packet was fed to push them out)
+            for frame in cc.decode(None):
+                i = at.get(frame.pts)
+                if i is not None:
+                    images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
     if not images:
         raise ValueError("no frame decoded")
     got = sorted(images)
@@ -166,6 +174,57 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
         width=w0,
         height=h0,
     )
+
+
+def _needed_packets(packets: list, keep_pts, codec: str) -> list[bool]:
+    """Which packets (decode order) the kept frames need: the GOPs (keyframe to keyframe)
+    that hold a kept frame. A kept frame decodes from its GOP's keyframe exactly as in a full
+    decode when every keyframe is a clean random-access point (:func:`_clean_keyframe`) and no
+    GOP has leading pictures (frames shown before their keyframe, which refer back); else
+    (open GOPs) every packet is needed."""
+    keep = set(keep_pts)
+    starts = [i for i, p in enumerate(packets) if p.is_keyframe and i > 0]
+    bounds = list(zip([0, *starts], [*starts, len(packets)], strict=True))
+    need_gop = []
+    for k, (a, b) in enumerate(bounds):
+        gop = [p.pts for p in packets[a:b] if p.pts is not None]
+        key_pts = packets[a].pts
+        leading = bool(gop) and key_pts is not None and min(gop) < key_pts
+        if k and (key_pts is None or leading or not _clean_keyframe(packets[a], codec)):
+            return [True] * len(packets)
+        need_gop.append(bool(keep.intersection(gop)))
+    return [need_gop[k] for k, (a, b) in enumerate(bounds) for _ in range(a, b)]
+
+
+def _clean_keyframe(packet, codec: str) -> bool:
+    """Decoding can start here and every later frame comes out exact: an H.264 or HEVC IDR
+    picture (not a recovery point or a CRA, the keyframes of open GOPs), or a VP8 / VP9 / AV1
+    key frame. Unknown codecs: no."""
+    if codec in ("vp8", "vp9", "av1"):
+        return True
+    if codec not in ("h264", "hevc"):
+        return False
+    types = _nal_types(bytes(packet), codec)
+    return 5 in types if codec == "h264" else bool(types & {19, 20})
+
+
+def _nal_types(data: bytes, codec: str) -> set[int]:
+    """NAL unit types in an H.264 / HEVC packet: 4-byte length-prefixed (MP4), else Annex-B."""
+
+    def kind(b: int) -> int:
+        return b & 0x1F if codec == "h264" else (b >> 1) & 0x3F
+
+    types, i = set(), 0
+    while i + 4 < len(data):
+        n = int.from_bytes(data[i : i + 4], "big")
+        if n <= 0 or i + 4 + n > len(data):
+            break
+        types.add(kind(data[i + 4]))
+        i += 4 + n
+    if i == len(data) and types:
+        return types
+    starts = (m + 3 for m in range(len(data) - 3) if data[m : m + 3] == b"\x00\x00\x01")
+    return {kind(data[j]) for j in starts if j < len(data)}
 
 
 # id(clip) -> Frames. Entries leave when their clip is garbage-collected.

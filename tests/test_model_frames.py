@@ -191,6 +191,45 @@ def test_sampled_frames_exact_with_b_frames_skipped(tmp_path):
     assert mid.indices == [mid.n_frames // 2] == [25] and mid.middle == 0
 
 
+@pytest.mark.parametrize("gop", ["closed", "open"])
+def test_gops_without_kept_frames_are_skipped_exactly(tmp_path, gop):
+    """Short GOPs with B-frames (a stream copy of web video keeps them): with closed GOPs
+    (IDR keyframes) only the GOPs that hold a kept frame are decoded; open GOPs (leading
+    pictures refer to the GOP before) are decoded whole. Every kept frame and its successor,
+    for many sample counts, equal a full decode's pixel for pixel (the last GOP's frames
+    included: the decoder is drained when the packets left are skipped)."""
+    import io
+
+    import av
+
+    src = "testsrc2=size=320x180:rate=25,noise=alls=20:allf=t"
+    p = tmp_path / f"{gop}.mp4"
+    x264 = ["-x264-params", "open-gop=1"] if gop == "open" else []
+    ffmpeg.run(["-y", "-f", "lavfi", "-i", src, "-t", "4", "-c:v", "libx264", "-preset",
+                "veryfast", "-bf", "3", "-g", "12", "-sc_threshold", "0", *x264,
+                "-pix_fmt", "yuv420p", str(p)], 120, what="test media")  # fmt: skip
+    data = p.read_bytes()
+    with av.open(io.BytesIO(data)) as c:
+        packets = [pk for pk in c.demux(video=0) if pk.size]
+    with av.open(io.BytesIO(data)) as c:
+        every = [f.to_ndarray(width=320, height=180, format="rgb24") for f in c.decode(video=0)]
+    assert sum(pk.is_keyframe for pk in packets) >= 8
+    pts = sorted(pk.pts for pk in packets)
+    mid = pts[len(pts) // 2]
+    needed = frames._needed_packets(packets, {mid}, "h264")
+    if gop == "closed":  # IDR keyframes: the middle frame's GOP alone is decoded
+        assert sum(needed) == 12 < len(packets) / 8
+    else:  # recovery-point keyframes, leading B-frames referring back: everything
+        assert all(needed)
+    for n in (0, 1, 2, 3, 5, 8, 13):
+        spec = frames.FrameSpec(n=n, max_side=320, nexts=n > 0)
+        fr = frames.decode_frames(data, spec, threads=1)
+        for j, i in enumerate(fr.indices):
+            assert (fr.images[j] == every[i]).all(), (gop, n, i)
+            if spec.nexts and i + 1 < len(every):
+                assert (fr.nexts[j] == every[i + 1]).all(), (gop, n, i + 1)
+
+
 def test_caption_only_recipe_decodes_the_middle_frame_alone():
     cap = build_stage("caption", {})
     assert frames.spec_for([cap]) == frames.MIDDLE_ONLY
