@@ -18,6 +18,10 @@ on load, see :class:`Attention`). What differs from a plain ``nn.Module`` stack,
   kernel, instead of three of each); cross-attention one ``to_kv`` on the context.
 - **No masks, head dim 64, last dim contiguous**, so SDPA takes the flash kernel on a GPU;
   ``q``/``k``/``v`` are strided views of the fused projection, which flash accepts as is.
+- **Fused kernels, opt-in** (``train.kernels: triton``, :func:`use_kernels`): on CUDA the norms
+  (+ SiLU) and GEGLU run the Triton kernels of :mod:`hdvg.t2v.kernels` (bf16 read once per
+  pass, fp32 inside, strided layouts read and written in place); the eager paths here stay
+  the default and the fallback for anything those kernels do not take.
 - **Layouts chosen for the next kernel, not copied into** (``benchmarks/t2v_traffic.py``:
   bytes moved by non-matmul kernels per step). A norm's output cast writes the layout its
   consumer views (attention tokens), its input and gradient go to contiguous fp32 in one
@@ -174,7 +178,7 @@ def _triton_for(x: torch.Tensor):
 
 def _triton_norm(x, weight, bias, spec, silu, out_dtype, perm):
     kernels = _triton_for(x)
-    if kernels is None:
+    if kernels is None or weight is None or bias is None:  # the kernels take affine norms
         return None
     if spec[0] == "group":
         _, _, _, _, groups, eps = spec
