@@ -108,25 +108,20 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
     """Decode the sampled frames (and their successors) of an mp4 held in memory.
 
     One demux: the packets are counted (no decoding) so the sample points are known, then
-    one sequential decode of those packets converts only the frames it keeps and stops after
-    the last one, skipping the GOPs that hold no kept frame; the scaler downsizes in C. Raises `ValueError` on a clip without
-    decodable frames. `threads`: decoder threads, 0 = as many as cores (for one clip at a
-    time); the frame pool, one clip per CPU, decodes single-threaded (a 16-thread decoder
-    for a few dozen frames costs ~1.7x the CPU).
+    :func:`decode_at` converts only the frames it keeps (the scaler downsizes in C). Raises
+    `ValueError` on a clip without decodable frames. `threads`: decoder threads, 0 = as many
+    as cores (for one clip at a time); the frame pool, one clip per CPU, decodes
+    single-threaded (a 16-thread decoder for a few dozen frames costs ~1.7x the CPU).
     """
     import av
 
-    images: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as c:
         vs = c.streams.video[0]
         cc = vs.codec_context
         if threads != 1:
             vs.thread_type = "AUTO"
         cc.thread_count = threads
-        # one demux: the packets are counted, then decoded from memory (a second demux of
-        # the bytes cost ~10% of a middle-frame decode of a 2 s 720p clip)
-        packets = list(c.demux(vs))
-        pts = sorted(p.pts for p in packets if p.size and p.pts is not None)
+        packets, pts = demux(c, vs)
         n_frames = len(pts)
         if n_frames == 0:
             raise ValueError("no video frames")
@@ -134,29 +129,14 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
         keep = set(indices)
         if spec.nexts:
             keep |= {i + 1 for i in indices if i + 1 < n_frames}
-        at = {pts[i]: i for i in keep}  # frames are found by timestamp, not by output count
         fps = float(vs.average_rate or vs.guessed_rate or 25.0)
         w0, h0 = cc.width, cc.height
         s = min(1.0, spec.max_side / max(w0, h0))
         w, h = max(2, round(w0 * s / 2) * 2), max(2, round(h0 * s / 2) * 2)
-        needed = _needed_packets(packets, at.keys(), cc.name)
-        for packet, need in zip(packets, needed, strict=True):
-            if not need:  # a GOP holding no kept frame: never fed to the decoder
-                continue
-            # frames no other frame refers to are skipped unless kept: the kept frames
-            # decode exactly as in a full decode, at a fraction of the work with B-frames
-            cc.skip_frame = "DEFAULT" if packet.pts in at else "NONREF"
-            for frame in packet.decode():
-                i = at.get(frame.pts)
-                if i is not None:
-                    images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
-            if len(images) == len(at):
-                break
-        else:  # frames still held for reordering (no later packet was fed to push them out)
-            for frame in cc.decode(None):
-                i = at.get(frame.pts)
-                if i is not None:
-                    images[i] = frame.to_ndarray(width=w, height=h, format="rgb24")
+        images = decode_at(
+            vs, packets, {pts[i]: i for i in keep},
+            lambda f: f.to_ndarray(width=w, height=h, format="rgb24"),
+        )  # fmt: skip
     if not images:
         raise ValueError("no frame decoded")
     got = sorted(images)
@@ -174,6 +154,46 @@ def decode_frames(data: bytes, spec: FrameSpec = DEFAULT_SPEC, threads: int = 0)
         width=w0,
         height=h0,
     )
+
+
+def demux(container: Any, stream: Any) -> tuple[list, list[int]]:
+    """The stream's packets in decode order (one demux, from memory) and its frames'
+    timestamps in presentation order: frame ``i`` is the one with timestamp ``pts[i]``."""
+    packets = list(container.demux(stream))
+    return packets, sorted(p.pts for p in packets if p.size and p.pts is not None)
+
+
+def decode_at(stream: Any, packets: list, at: dict[int, int], convert: Callable) -> dict:
+    """``{index: convert(frame)}`` for the frames whose timestamp ``at`` maps to an index.
+
+    One pass over ``packets`` (:func:`demux`): the decoder is fed only the GOPs that hold a
+    wanted frame (:func:`_needed_packets`), frames no other frame refers to are skipped unless
+    wanted (the wanted ones decode exactly as in a full decode, at a fraction of the work with
+    B-frames), the pass stops after the last wanted frame, and the decoder's reorder queue is
+    drained when the packets after it were skipped. Frames are found by timestamp, not by
+    output count."""
+    cc = stream.codec_context
+    out: dict[int, Any] = {}
+
+    def take(frames) -> None:
+        for frame in frames:
+            i = at.get(frame.pts)
+            if i is not None:
+                out[i] = convert(frame)
+
+    flushed = False
+    for packet, need in zip(packets, _needed_packets(packets, at.keys(), cc.name), strict=True):
+        if not need:  # a GOP holding no wanted frame: never fed to the decoder
+            continue
+        cc.skip_frame = "DEFAULT" if packet.pts in at else "NONREF"
+        flushed = flushed or not packet.size  # demux ends with an empty packet: a flush
+        take(packet.decode())
+        if len(out) == len(at):
+            break
+    else:
+        if not flushed:  # frames still held for reordering: no later packet pushed them out
+            take(cc.decode(None))
+    return out
 
 
 def _needed_packets(packets: list, keep_pts, codec: str) -> list[bool]:

@@ -129,6 +129,8 @@ def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | N
     so that stored latents come from exactly the frames the trainer would take."""
     import av
 
+    from hdvg.frames import decode_at, demux
+
     out_h, out_w = cfg.size
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -140,37 +142,26 @@ def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | N
                 or Fraction(int((meta or {}).get("fps", 25)))
             )
             src_fps = float(rate)
-            n_src = stream.frames
-            if not n_src and meta and meta.get("duration_s"):
-                n_src = int(round(float(meta["duration_s"]) * src_fps))
-            if not n_src and stream.duration and stream.time_base:
-                n_src = int(float(stream.duration * stream.time_base) * src_fps)
-            idx = frame_indices(n_src, src_fps, cfg, rng)
+            packets, pts = demux(container, stream)  # the frames counted, not taken from metadata
+            idx = frame_indices(len(pts), src_fps, cfg, rng)
             if idx is None:
                 return Clip(None, "too_short")
             w, h = stream.codec_context.width, stream.codec_context.height
             scale = max(out_w / w, out_h / h)
             rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
             y0, x0 = (rh - out_h) // 2, (rw - out_w) // 2
-            wanted = {}
-            for k, i in enumerate(idx):
-                wanted.setdefault(i, []).append(k)
-            frames: list[np.ndarray | None] = [None] * len(idx)
-            for n, frame in enumerate(container.decode(stream)):
-                if n in wanted:
-                    rgb = frame.to_ndarray(
-                        width=rw, height=rh, format="rgb24", interpolation="AREA"
-                    )
-                    crop = rgb[y0 : y0 + out_h, x0 : x0 + out_w]
-                    for k in wanted[n]:
-                        frames[k] = crop
-                if n >= idx[-1]:
-                    break
+
+            def crop(frame) -> np.ndarray:
+                rgb = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA")
+                return rgb[y0 : y0 + out_h, x0 : x0 + out_w]
+
+            # only the GOPs holding a wanted frame are decoded, unreferenced frames skipped
+            got = decode_at(stream, packets, {pts[i]: i for i in set(idx)}, crop)
     except (av.error.FFmpegError, IndexError, ValueError) as e:
         return Clip(None, f"decode_error: {type(e).__name__}")
-    if any(f is None for f in frames):
-        return Clip(None, "too_short")  # the container said more frames than it holds
-    return Clip(np.stack(frames))
+    if len(got) < len(set(idx)):
+        return Clip(None, "decode_error: frames missing")
+    return Clip(np.stack([got[i] for i in idx]))
 
 
 def world() -> tuple[int, int]:

@@ -66,6 +66,45 @@ def test_frame_sampling_fps_and_stride():
     assert len(starts) > 1 and max(starts) <= 100 - 7
 
 
+def test_decode_takes_exactly_the_sampled_frames_of_a_multi_gop_clip(tmp_path, monkeypatch):
+    """A clip with short closed GOPs and B-frames (as a stream copy of web video keeps them):
+    the loader decodes only the GOPs its window touches, and each sampled frame equals the
+    same frame of a full decode (same resize and crop)."""
+    import io
+
+    from hdvg import ffmpeg
+
+    path = tmp_path / "gops.mp4"
+    src = "testsrc2=size=128x96:rate=24,noise=alls=20:allf=t"
+    ffmpeg.run(["-y", "-f", "lavfi", "-i", src, "-t", "6", "-c:v", "libx264", "-preset",
+                "veryfast", "-bf", "3", "-g", "12", "-sc_threshold", "0", "-pix_fmt", "yuv420p",
+                str(path)], 120, what="test media")  # fmt: skip
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as c:  # every frame, resized to cover 32x32 and cropped
+        every = [
+            f.to_ndarray(width=43, height=32, format="rgb24", interpolation="AREA")[:, 5:37]
+            for f in c.decode(video=0)
+        ]
+    from hdvg import frames as fr
+
+    fed = []
+    real = fr._needed_packets
+    monkeypatch.setattr(
+        fr, "_needed_packets", lambda *a: fed.append(sum(n := real(*a)) / len(n)) or n
+    )
+    c = cfg(frames=4, fps=6.0, size=(32, 32))
+    starts = set()
+    for seed in range(8):
+        idx = frame_indices(len(every), 24.0, c, random.Random(seed))
+        starts.add(idx[0])
+        clip = decode_clip(data, c, random.Random(seed))
+        assert clip.frames is not None, clip.reason
+        assert all((clip.frames[k] == every[i]).all() for k, i in enumerate(idx)), seed
+    assert len(starts) > 4  # windows across the clip, most not in its first GOP
+    # a 13-frame window (4 frames, every 4th) touches at most 2 of the clip's 12 GOPs
+    assert len(fed) == 8 and max(fed) <= 25 / 145
+
+
 def test_decode_resizes_and_center_crops(tmp_path):
     # left half red, right half blue at 128x64: a 32x32 center crop keeps both halves
     from tests.t2v.conftest import _encode

@@ -89,7 +89,7 @@ def test_group_kernels_bf16_as_cuda_autocast(kernels):
     assert got.dtype == torch.bfloat16
     # the fp32 result rounded once to bf16 (summation order differs from aten's): to nearest
     # on the GPU, half an ulp; the interpreter's cast truncates, a whole ulp
-    rel = 2**-8 if DEV == "cuda" else 2**-7
+    rel = 2**-8 + 2**-16 if DEV == "cuda" else 2**-7  # (+ the fp32 sums order)
     assert ((got.float() - want).abs() <= want.abs() * rel + 1e-6).all()
     assert (got.float() - want).abs().max() > 0  # it did round: bf16 output, not fp32
 
