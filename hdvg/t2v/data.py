@@ -12,7 +12,8 @@
 - is resumable: every sample carries its worker id and that worker's raw-sample cursor; the
   trainer keeps the largest cursor per worker and hands it back on resume, and each worker
   fast-forwards by re-reading (not decoding) that many raw samples;
-- decodes only the frames it needs (PyAV, in-process), at a target fps or a frame stride,
+- decodes only the frames it needs (PyAV, in-process; ``hdvg.frames.decode_at``: the GOPs its
+  window touches, unreferenced frames skipped), at a target fps or a frame stride,
   resized so the clip covers the training size and center-cropped; clips too short for the
   requested frames are skipped and counted (``skipped_too_short``), as are undecodable ones;
 - with ``data.use_latents``, reads ``{key}.latents.npy`` (written by the ``latents`` curation
