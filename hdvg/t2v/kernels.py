@@ -142,15 +142,33 @@ if triton is not None:
         return base + off, cmask[:, None] & (s < S)[None, :]
 
     @triton.jit
+    def _group_of_program(G, CG, BLOCK_C: tl.constexpr):
+        """This program's sample ``n``, its group's channels ``c`` and their mask."""
+        pid = tl.program_id(0)
+        cr = tl.arange(0, BLOCK_C)
+        return pid // G, (pid % G) * CG + cr, cr < CG
+
+    @triton.jit
+    def _xhat_dy(xb, gb, c, s, S, S2, sxc, sx1, sx2, sgc, sg1, sg2, cmask, mean, rstd, w, b,
+                 SILU: tl.constexpr):  # fmt: skip
+        """The normalized input and the gradient reaching it (through SiLU, from the
+        recomputed pre-activation) on one tile, and the tile's mask."""
+        ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
+        xhat = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        gptr, _ = _tile_ptrs(gb, c, s, S, S2, sgc, sg1, sg2, cmask)
+        dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            z = xhat * w + b
+            sig = tl.sigmoid(z)
+            dy = dy * sig * (1.0 + z * (1.0 - sig))
+        return xhat, dy, m
+
+    @triton.jit
     def _gn_fwd(X, Y, W, B, MEAN, RSTD, G, CG, S, S2, eps,
                 sxn, sxc, sx1, sx2, syn, syc, sy1, sy2,
                 SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
-        n = pid // G
-        g = pid % G
-        cr = tl.arange(0, BLOCK_C)
-        cmask = cr < CG
-        c = g * CG + cr
+        n, c, cmask = _group_of_program(G, CG, BLOCK_C)
         xb = X + n * sxn
         count = (CG * S).to(tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -183,11 +201,7 @@ if triton is not None:
                 sxn, sxc, sx1, sx2, sgn, sgc, sg1, sg2, sdn, sdc, sd1, sd2,
                 SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
-        n = pid // G
-        g = pid % G
-        cr = tl.arange(0, BLOCK_C)
-        cmask = cr < CG
-        c = g * CG + cr
+        n, c, cmask = _group_of_program(G, CG, BLOCK_C)
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
@@ -198,15 +212,8 @@ if triton is not None:
         a_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy over (s), per channel
         a_dyx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy * xhat
         for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
-            xhat = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd
-            gptr, _ = _tile_ptrs(gb, c, s, S, S2, sgc, sg1, sg2, cmask)
-            dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
-            if SILU:  # the gradient through SiLU, from the recomputed pre-activation
-                z = xhat * w + b
-                sig = tl.sigmoid(z)
-                dy = dy * sig * (1.0 + z * (1.0 - sig))
+            xhat, dy, m = _xhat_dy(xb, gb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2,
+                                   sgc, sg1, sg2, cmask, mean, rstd, w, b, SILU)  # fmt: skip
             a_dy += dy
             a_dyx += tl.where(m, dy * xhat, 0.0)
         dw = tl.sum(a_dyx, axis=1)  # per channel, this sample
@@ -219,14 +226,8 @@ if triton is not None:
         db_ = DX + n * sdn
         for s0 in range(0, S, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
-            xhat = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd
-            gptr, _ = _tile_ptrs(gb, c, s, S, S2, sgc, sg1, sg2, cmask)
-            dy = tl.load(gptr, mask=m, other=0.0).to(tl.float32)
-            if SILU:
-                z = xhat * w + b
-                sig = tl.sigmoid(z)
-                dy = dy * sig * (1.0 + z * (1.0 - sig))
+            xhat, dy, m = _xhat_dy(xb, gb, c, s, S, S2, sxc, sx1, sx2, sgc, sg1, sg2, cmask,
+                                   mean, rstd, w, b, SILU)  # fmt: skip
             dx = (dy * w - m1 - xhat * m2) * rstd
             dptr, _ = _tile_ptrs(db_, c, s, S, S2, sdc, sd1, sd2, cmask)
             tl.store(dptr, dx.to(DX.dtype.element_ty), mask=m)
