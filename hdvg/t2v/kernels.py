@@ -419,16 +419,26 @@ def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, 
     """Fused group norm (+ SiLU) of ``x`` (N, C, *spatial), output in ``out_dtype`` laid out
     as ``x.permute(perm)`` contiguous (``x``'s own layout when ``perm`` is None); None when
     the layout is one the kernel does not take."""
-    if x.dim() < 3 or x.shape[1] % groups or _group_layout(x, _probe(x, perm)) is None:
+    if x.dim() < 3 or x.shape[1] % groups or not _is_dense(x):
+        return None
+    if _group_layout(x, _probe(x, perm)) is None:
         return None
     return _GroupNorm.apply(x, weight, bias, groups, eps, silu, out_dtype, perm)
 
 
 def layer_norm(x, weight, bias, eps: float, out_dtype):
-    """Fused layer norm over the last dim; None when the rows do not merge to one stride."""
-    if x.dim() < 2 or _row_layout(x) is None:
+    """Fused layer norm over the last dim, rows written contiguous; None when the rows span
+    more than :data:`ROW_DIMS` strided dims."""
+    if x.dim() < 2 or not _is_dense(x) or _row_layout(x) is None:
         return None
     return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """``x`` fills its memory without gaps or overlap (a permutation of a contiguous tensor):
+    ``empty_like`` then keeps its strides, so input, output and gradients share one layout."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return x.permute(order).is_contiguous()
 
 
 def _probe(x: torch.Tensor, perm):

@@ -135,16 +135,21 @@ def test_geglu_kernel_matches_aten(kernels):
 
 
 def test_layouts_the_kernels_do_not_take_are_declined(kernels):
-    """None (the caller keeps aten) for rows over more than six strided dims, and for spatial
-    dims that do not merge to two."""
+    """None (the caller keeps aten) for rows over more than six strided dims, spatial dims
+    that do not merge to two, and inputs with gaps in memory."""
     w = torch.randn(10)
-    rows = torch.randn(*[2] * 8, 10).permute(*range(7, -1, -1), 8)  # 8 row dims, none merge
-    assert kernels.layer_norm(rows, w, w, 1e-5, torch.float32) is None
-    rows = rows[0]  # 7 row dims
-    assert kernels.layer_norm(rows, w, w, 1e-5, torch.float32) is None
-    assert kernels.layer_norm(rows[0], w, w, 1e-5, torch.float32) is not None  # 6
+
+    def rows(k):  # k row dims, none of which merge (reversed), C last
+        return torch.randn(*[2] * k, 10).permute(*range(k - 1, -1, -1), k)
+
+    assert kernels.layer_norm(rows(7), w, w, 1e-5, torch.float32) is None
+    assert kernels.layer_norm(rows(6), w, w, 1e-5, torch.float32) is not None
+    assert kernels.layer_norm(rows(6)[1:], w, w, 1e-5, torch.float32) is None  # gaps
     x = torch.randn(2, 10, 3, 4, 5).permute(0, 1, 3, 2, 4)  # spatial (4, 3, 5): no merge
     assert kernels.group_norm(x, w, w, 2, 1e-5, False, torch.float32) is None
+    x = torch.randn(2, 10, 8, 8)[..., ::2]  # gaps in memory: no shared layout with its grads
+    assert kernels.group_norm(x, w, w, 2, 1e-5, False, torch.float32) is None
+    assert kernels.group_norm(x.contiguous(), w, w, 2, 1e-5, False, torch.float32) is not None
 
 
 def test_unet_with_triton_norms_matches_aten(kernels):
