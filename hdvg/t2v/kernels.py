@@ -90,7 +90,7 @@ ROW_DIMS = 6  # leading dims a layer norm's rows may span after merging (swap wi
 
 def _row_layout(x: torch.Tensor, *others: torch.Tensor):
     """Rows over the leading dims, C last: ``(M, C)``, the rows' dims merged in every tensor
-    (at most :data:`ROW_DIMS`, else None) as one int64 table ``[sizes, strides of each
+    (at most :data:`ROW_DIMS`, else None) as one int32 table ``[sizes, strides of each
     tensor]`` for the kernels, and each tensor's channel stride."""
     tensors = (x, *others)
     rows = _merge(x.shape[:-1], *[t.stride()[:-1] for t in tensors], keep=ROW_DIMS)
@@ -113,8 +113,15 @@ def _device_table(table: tuple[int, ...], device) -> torch.Tensor:
     if t is None:
         if len(_TABLES) > 512:
             _TABLES.clear()
-        t = _TABLES[key] = torch.tensor(table, dtype=torch.int64, device=device)
+        t = _TABLES[key] = torch.tensor(table, dtype=torch.int32, device=device)
     return t
+
+
+# Warps per program, for the 4096-element tiles: the fewest with no register spills and at most
+# ~128 registers a thread in the sm_90 build (``python -m hdvg.t2v.kernels``: registers and
+# spill bytes per kernel from the cubin, no GPU needed). Untimed: tune on a GPU.
+WARPS = {"gn_fwd": 8, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16}
+INT32_MAX = 2**31 - 1  # the kernels index in int32 (64-bit division is slow on the GPU)
 
 
 def _pow2(n: int) -> int:
@@ -238,7 +245,7 @@ if triton is not None:
     def _row_offsets(RD, rows, T: tl.constexpr, ND: tl.constexpr):
         """Element offsets of ``rows`` in tensor ``T``, from the table ``RD``: ND row-dim sizes,
         then each tensor's ND strides (innermost dim last)."""
-        r = rows.to(tl.int64)
+        r = rows  # int32: 64-bit division is a long software routine on the GPU
         off = tl.zeros_like(r)
         for i in tl.static_range(ND):
             d = ND - 1 - i
@@ -359,7 +366,8 @@ class _GroupNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         bc, bs = _group_tiles(cg, s1 * s2)
         _gn_fwd[(n * groups,)](x, y, weight, bias, mean, rstd, groups, cg, s1 * s2, s2, eps,
-                               *sx, *sy, SILU=silu, BLOCK_C=bc, BLOCK_S=bs)  # fmt: skip
+                               *sx, *sy, SILU=silu, BLOCK_C=bc, BLOCK_S=bs,
+                               num_warps=WARPS["gn_fwd"])  # fmt: skip
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -377,7 +385,8 @@ class _GroupNorm(torch.autograd.Function):
         bc, bs = _group_tiles(cg, s1 * s2)
         _gn_bwd[(n * groups,)](x, grad, dx, weight, bias, mean, rstd, dw, db, groups, cg, c,
                                s1 * s2, s2, *sx, *sg, *sd,
-                               SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs)  # fmt: skip
+                               SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs,
+                               num_warps=WARPS["gn_bwd"])  # fmt: skip
         return (dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype),
                 None, None, None, None, None)  # fmt: skip
 
@@ -393,7 +402,7 @@ class _LayerNorm(torch.autograd.Function):
         bc, bm = _row_tiles(c)
         rd = _device_table(table, x.device)
         _ln_fwd[(-(-m // bm),)](x, y, weight, bias, mean, rstd, rd, m, c, eps, sxc, syc,
-                                ND=nd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+                                ND=nd, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS["ln_fwd"])  # fmt: skip
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -411,7 +420,7 @@ class _LayerNorm(torch.autograd.Function):
         db = torch.empty_like(dw)
         rd = _device_table(table, x.device)
         _ln_bwd[(progs,)](x, grad, dx, weight, mean, rstd, dw, db, rd, m, c, rows, sxc, sgc, sdc,
-                          ND=nd, BLOCK_M=bm, BLOCK_C=bc)  # fmt: skip
+                          ND=nd, BLOCK_M=bm, BLOCK_C=bc, num_warps=WARPS["ln_bwd"])  # fmt: skip
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
 
 
@@ -419,7 +428,7 @@ def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, 
     """Fused group norm (+ SiLU) of ``x`` (N, C, *spatial), output in ``out_dtype`` laid out
     as ``x.permute(perm)`` contiguous (``x``'s own layout when ``perm`` is None); None when
     the layout is one the kernel does not take."""
-    if x.dim() < 3 or x.shape[1] % groups or not _is_dense(x):
+    if x.dim() < 3 or x.shape[1] % groups or not _is_dense(x) or x.numel() > INT32_MAX:
         return None
     if _group_layout(x, _probe(x, perm)) is None:
         return None
@@ -429,7 +438,7 @@ def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, 
 def layer_norm(x, weight, bias, eps: float, out_dtype):
     """Fused layer norm over the last dim, rows written contiguous; None when the rows span
     more than :data:`ROW_DIMS` strided dims."""
-    if x.dim() < 2 or not _is_dense(x) or _row_layout(x) is None:
+    if x.dim() < 2 or not _is_dense(x) or x.numel() > INT32_MAX or _row_layout(x) is None:
         return None
     return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
 
@@ -476,3 +485,70 @@ def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
     _geglu_bwd[(a.numel() // (2 * i), -(-i // block))](a, grad_p.contiguous(), grad_a, i,
                                                         BLOCK=block)  # fmt: skip
     return grad_a
+
+
+# --- a GPU build report without a GPU ---------------------------------------------------
+
+_PTR_TYPES = {
+    **dict.fromkeys(("X", "Y", "DY", "DX", "A", "P", "GP", "GA"), "*bf16"),
+    **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB"), "*fp32"),
+    "RD": "*i32",
+    "eps": "fp32",
+}
+
+
+def build_cases() -> list[tuple[str, dict]]:
+    """(kernel, constexprs) of the paper-size U-Net (SD-2.x widths, 32 groups, latent 32x32 and
+    16 frames down to 4x4): every tile shape its norms and GEGLUs launch."""
+    cases: set = set()
+    for c in (320, 640, 960, 1280, 1920, 2560):
+        for s in (16, 64, 256, 1024, 16 * 16, 16 * 64, 16 * 256, 16 * 1024):
+            bc, bs = _group_tiles(c // 32, s)
+            for name in ("_gn_fwd", "_gn_bwd"):
+                cases.add((name, (("SILU", True), ("BLOCK_C", bc), ("BLOCK_S", bs))))
+    for c in (320, 640, 1280):
+        bc, bm = _row_tiles(c)
+        for nd in (1, 6):
+            for name in ("_ln_fwd", "_ln_bwd"):
+                cases.add((name, (("ND", nd), ("BLOCK_M", bm), ("BLOCK_C", bc))))
+    cases |= {(name, (("BLOCK", 1024),)) for name in ("_geglu_fwd", "_geglu_bwd")}
+    return [(name, dict(consts)) for name, consts in sorted(cases)]
+
+
+def build_report(arch: int = 90, cases=None) -> list[dict]:
+    """Compile the kernels for ``sm_<arch>`` here (Triton's own ptxas; no GPU) and read each
+    cubin's registers per thread and spill (local stack) bytes with its cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no GPU code")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    rows = []
+    for name, consts in cases or build_cases():
+        fn = globals()[name]
+        sig = {a: "constexpr" if a in consts else _PTR_TYPES.get(a, "i32") for a in fn.arg_names}
+        warps = WARPS.get(name.strip("_"), 4)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+        use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res.stdout))
+        rows.append({"kernel": name, **consts, "num_warps": warps, "registers": int(use["REG"]),
+                     "spill_bytes": int(use["STACK"]) + int(use["LOCAL"])})  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":  # python -m hdvg.t2v.kernels [ARCH]: one JSON line per kernel build
+    import json
+    import sys
+
+    for row in build_report(int(sys.argv[1]) if len(sys.argv) > 1 else 90):
+        print(json.dumps(row), flush=True)

@@ -215,3 +215,33 @@ def test_kernels_config():
         TrainConfig(kernels="cudnn")
     with pytest.raises(ValueError, match="aten or triton"):
         use_kernels("cudnn")
+
+
+def test_kernels_build_for_an_h100_without_spills():
+    """The same kernels compiled for sm_90 here (Triton's ptxas, no GPU): the heaviest tile of
+    each builds, fits the register file (<= 128 a thread at its warp count) and spills
+    nothing to local memory. Run apart: the interpreter this suite uses builds no GPU code."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = [
+        ("_gn_fwd", {"SILU": True, "BLOCK_C": 128, "BLOCK_S": 32}),
+        ("_gn_bwd", {"SILU": True, "BLOCK_C": 16, "BLOCK_S": 256}),
+        ("_ln_fwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
+        ("_ln_bwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
+        ("_geglu_bwd", {"BLOCK": 1024}),
+    ]
+    code = (
+        "import json, sys; from hdvg.t2v import kernels; "
+        "print(json.dumps(kernels.build_report(90, json.loads(sys.argv[1]))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == [name for name, _ in cases]
+    for r in rows:
+        assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 128, r
