@@ -6,8 +6,8 @@
 #   2. benchmarks/gpu_caption.sh (<= 170 s): the caption stage behind the CPU frame pool
 #      against the direct model loop (BLIP-2 OPT-2.7B shape), issue 3.
 # The device image has torch and transformers; the rest travels as wheels in .whl/ (av,
-# diffusers, webdataset, open_clip, ... and the 2 s 720p test clip; git-ignored), carried
-# with `run`'s carry [".whl"]. Results land in $OUT.
+# diffusers, webdataset, open_clip, ... and the 2 s 720p test clip; git-ignored; made by
+# benchmarks/gpu_wheels.sh), carried with `run`'s carry [".whl"]. Results land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-./bench_out}"
