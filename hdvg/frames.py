@@ -243,8 +243,11 @@ def _nal_types(data: bytes, codec: str) -> set[int]:
         i += 4 + n
     if i == len(data) and types:
         return types
-    starts = (m + 3 for m in range(len(data) - 3) if data[m : m + 3] == b"\x00\x00\x01")
-    return {kind(data[j]) for j in starts if j < len(data)}
+    types, j = set(), data.find(b"\x00\x00\x01")
+    while 0 <= j < len(data) - 3:  # start codes found in C, not byte by byte in Python
+        types.add(kind(data[j + 3]))
+        j = data.find(b"\x00\x00\x01", j + 3)
+    return types
 
 
 # id(clip) -> Frames. Entries leave when their clip is garbage-collected.

@@ -251,3 +251,16 @@ def test_recipe_frame_spec_stays_with_its_stages(vids):
     c = _clip(vids["clean"])
     motion.process_batch([c], [None])
     assert len(frames.get_frames(c).indices) == 9 and c.scores["motion_score"] > 0.05
+
+
+def test_keyframe_nal_types_length_prefixed_and_annex_b():
+    """IDR detection reads the NAL unit types of MP4 (4-byte length) and Annex-B packets."""
+    sei, idr, sps, pps = bytes([0x06, 9]), bytes([0x65, 1, 2]), bytes([0x67, 3]), bytes([0x68, 4])
+    avcc = b"".join(len(n).to_bytes(4, "big") + n for n in (sei, idr))
+    assert frames._nal_types(avcc, "h264") == {6, 5}
+    annex_b = b"\x00\x00\x00\x01" + sps + b"\x00\x00\x01" + pps + b"\x00\x00\x01" + idr
+    assert frames._nal_types(annex_b, "h264") == {7, 8, 5}
+    non_idr = len(bytes([0x41, 7])).to_bytes(4, "big") + bytes([0x41, 7])  # a P slice
+    assert frames._nal_types(non_idr, "h264") == {1}
+    cra = b"\x00\x00\x01" + bytes([21 << 1, 1])  # HEVC CRA: an open GOP's keyframe
+    assert frames._nal_types(cra, "hevc") == {21}
