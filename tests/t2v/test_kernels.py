@@ -1,6 +1,6 @@
-"""The fused Triton norm and GEGLU kernels (``hdvg/t2v/kernels.py``), run on the CPU by Triton's
-interpreter: the same kernel code the GPU compiles, with fp32 arithmetic on bf16 loads. On a machine with
-a GPU the same tests run the compiled kernels on CUDA tensors.
+"""The fused Triton norm and GEGLU kernels (``hdvg/t2v/kernels.py``), run on the CPU by
+Triton's interpreter: the same kernel code the GPU compiles, with fp32 arithmetic on bf16
+loads. On a machine with a GPU the same tests run the compiled kernels on CUDA tensors.
 
 Each case compares values and all three gradients with the plain aten ops, on the layouts the
 U-Net hands the norms (contiguous NCHW / NCFHW, a frames-major strided NCFHW, outputs written
