@@ -27,6 +27,7 @@ arithmetic on bf16 loads, as the GPU does; its bf16 cast truncates where the GPU
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,13 +77,19 @@ def _merge(shape, *strides_list, keep: int = 2):
 def _group_layout(x: torch.Tensor, *others: torch.Tensor):
     """``(N, C, S1, S2)`` sizes and each tensor's strides, or None when the spatial dims do not
     merge to two in every tensor."""
-    tensors = (x, *others)
-    sp = _merge(x.shape[2:], *[t.stride()[2:] for t in tensors])
+    return _group_layout_of(x.shape, x.stride(), *(t.stride() for t in others))
+
+
+# the layouts repeat every step: worked out once per (shape, strides), then a dict lookup
+# (~125 us of Python per norm call before, next to a kernel of tens of us)
+@functools.lru_cache(maxsize=4096)
+def _group_layout_of(shape: tuple, *strides: tuple):
+    sp = _merge(shape[2:], *[st[2:] for st in strides])
     if sp is None:
         return None
     sizes, sp_strides = sp
-    strides = [(t.stride(0), t.stride(1), *s) for t, s in zip(tensors, sp_strides, strict=True)]
-    return (x.shape[0], x.shape[1], *sizes), strides
+    per = tuple((st[0], st[1], *s) for st, s in zip(strides, sp_strides, strict=True))
+    return (shape[0], shape[1], *sizes), per
 
 
 ROW_DIMS = 6  # leading dims a layer norm's rows may span after merging (swap windows: 6)
@@ -92,14 +99,18 @@ def _row_layout(x: torch.Tensor, *others: torch.Tensor):
     """Rows over the leading dims, C last: ``(M, C)``, the rows' dims merged in every tensor
     (at most :data:`ROW_DIMS`, else None) as one int32 table ``[sizes, strides of each
     tensor]`` for the kernels, and each tensor's channel stride."""
-    tensors = (x, *others)
-    rows = _merge(x.shape[:-1], *[t.stride()[:-1] for t in tensors], keep=ROW_DIMS)
+    return _row_layout_of(x.shape, x.stride(), *(t.stride() for t in others))
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_layout_of(shape: tuple, *strides: tuple):
+    rows = _merge(shape[:-1], *[st[:-1] for st in strides], keep=ROW_DIMS)
     if rows is None:
         return None
-    sizes, strides = rows
+    sizes, row_strides = rows
     first = next((i for i, n in enumerate(sizes) if n != 1), ROW_DIMS - 1)  # drop the padding
-    table = (*sizes[first:], *(s for st in strides for s in st[first:]))
-    return (x.shape[:-1].numel(), x.shape[-1]), table, [t.stride(-1) for t in tensors]
+    table = (*sizes[first:], *(s for st in row_strides for s in st[first:]))
+    return (math.prod(shape[:-1]), shape[-1]), table, tuple(st[-1] for st in strides)
 
 
 _TABLES: dict = {}
@@ -430,7 +441,8 @@ def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, 
     the layout is one the kernel does not take."""
     if x.dim() < 3 or x.shape[1] % groups or not _is_dense(x) or x.numel() > INT32_MAX:
         return None
-    if _group_layout(x, _probe(x, perm)) is None:
+    y_stride = _perm_strides(x.shape, tuple(perm) if perm is not None else None)
+    if _group_layout_of(x.shape, x.stride(), y_stride or x.stride()) is None:
         return None
     return _GroupNorm.apply(x, weight, bias, groups, eps, silu, out_dtype, perm)
 
@@ -446,22 +458,30 @@ def layer_norm(x, weight, bias, eps: float, out_dtype):
 def _is_dense(x: torch.Tensor) -> bool:
     """``x`` fills its memory without gaps or overlap (a permutation of a contiguous tensor):
     ``empty_like`` then keeps its strides, so input, output and gradients share one layout."""
-    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-    return x.permute(order).is_contiguous()
+    return _dense_of(x.shape, x.stride())
 
 
-def _probe(x: torch.Tensor, perm):
-    """A zero-storage tensor with the output's strides, to check the layout before allocating."""
+@functools.lru_cache(maxsize=4096)
+def _dense_of(shape: tuple, stride: tuple) -> bool:
+    expect = 1
+    for st, size in sorted((st, n) for n, st in zip(shape, stride, strict=True) if n != 1):
+        if st != expect:
+            return False
+        expect *= size
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _perm_strides(shape: tuple, perm: tuple | None) -> tuple | None:
+    """The strides :func:`_out_like` gives the output: ``x.permute(perm)`` contiguous."""
     if perm is None:
-        return x
-    order = list(perm)
-    shape = [x.shape[p] for p in order]
-    st, acc = [0] * len(order), 1
-    for i in reversed(range(len(order))):
+        return None
+    st, acc = [0] * len(perm), 1
+    for i in reversed(range(len(perm))):
         st[i] = acc
-        acc *= shape[i]
-    inv = sorted(range(len(order)), key=order.__getitem__)
-    return torch.empty_strided(x.shape, [st[inv[d]] for d in range(x.dim())], device="meta")
+        acc *= shape[perm[i]]
+    inv = sorted(range(len(perm)), key=perm.__getitem__)
+    return tuple(st[inv[d]] for d in range(len(shape)))
 
 
 def geglu(a: torch.Tensor) -> torch.Tensor | None:
