@@ -113,19 +113,11 @@ def _row_layout_of(shape: tuple, *strides: tuple):
     return (math.prod(shape[:-1]), shape[-1]), table, tuple(st[-1] for st in strides)
 
 
-_TABLES: dict = {}
-
-
-def _device_table(table: tuple[int, ...], device) -> torch.Tensor:
+@functools.lru_cache(maxsize=512)
+def _device_table(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The row table on the device, made once per layout: a fresh host-to-device copy per call
     would wait for the GPU's queue (a pageable copy) and stall the CPU's run-ahead."""
-    key = (table, str(device))
-    t = _TABLES.get(key)
-    if t is None:
-        if len(_TABLES) > 512:
-            _TABLES.clear()
-        t = _TABLES[key] = torch.tensor(table, dtype=torch.int32, device=device)
-    return t
+    return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 # Warps per program, for the 4096-element tiles: the fewest with no register spills and at most
@@ -354,17 +346,15 @@ if triton is not None:
 def _out_like(x: torch.Tensor, dtype: torch.dtype, perm) -> torch.Tensor:
     if perm is None:
         return torch.empty_like(x, dtype=dtype)  # x's strides (dense x): one layout for both
-    inv = sorted(range(len(perm)), key=perm.__getitem__)
-    return x.new_empty([x.shape[p] for p in perm], dtype=dtype).permute(inv)
+    strides = _perm_strides(x.shape, tuple(perm))
+    return torch.empty_strided(x.shape, strides, dtype=dtype, device=x.device)
 
 
-def _grad_for(grad: torch.Tensor, x: torch.Tensor, layout_fn):
+def _grad_for(grad: torch.Tensor, x: torch.Tensor, layout_fn) -> torch.Tensor:
     """The incoming gradient as is when it merges like x; else copied into x's layout."""
-    lay = layout_fn(x, grad)
-    if lay is None:
+    if layout_fn(x, grad) is None:
         grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
-        lay = layout_fn(x, grad)
-    return grad, lay
+    return grad
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -386,7 +376,7 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad, _ = _grad_for(grad, x, _group_layout)
+        grad = _grad_for(grad, x, _group_layout)
         dx = torch.empty_like(x)
         (n, c, s1, s2), (sx, sg, sd) = _group_layout(x, grad, dx)
         groups = ctx.groups
@@ -420,7 +410,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
-        grad, _ = _grad_for(grad, x, _row_layout)
+        grad = _grad_for(grad, x, _row_layout)
         dx = torch.empty_like(x)
         (m, c), table, (sxc, sgc, sdc) = _row_layout(x, grad, dx)
         nd = len(table) // 4
@@ -441,8 +431,8 @@ def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, 
     the layout is one the kernel does not take."""
     if x.dim() < 3 or x.shape[1] % groups or not _is_dense(x) or x.numel() > INT32_MAX:
         return None
-    y_stride = _perm_strides(x.shape, tuple(perm) if perm is not None else None)
-    if _group_layout_of(x.shape, x.stride(), y_stride or x.stride()) is None:
+    y_stride = x.stride() if perm is None else _perm_strides(x.shape, tuple(perm))
+    if _group_layout_of(x.shape, x.stride(), y_stride) is None:
         return None
     return _GroupNorm.apply(x, weight, bias, groups, eps, silu, out_dtype, perm)
 
@@ -472,10 +462,8 @@ def _dense_of(shape: tuple, stride: tuple) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _perm_strides(shape: tuple, perm: tuple | None) -> tuple | None:
-    """The strides :func:`_out_like` gives the output: ``x.permute(perm)`` contiguous."""
-    if perm is None:
-        return None
+def _perm_strides(shape: tuple, perm: tuple) -> tuple:
+    """Strides of a ``shape`` tensor laid out as its ``permute(perm)`` contiguous."""
     st, acc = [0] * len(perm), 1
     for i in reversed(range(len(perm))):
         st[i] = acc
