@@ -12,6 +12,7 @@ def _curate(args: argparse.Namespace) -> int:
     from .runner import OutputError, StallError, curate
     from .sources import SourceListError
 
+    ray_was_up = _ray_up()
     try:
         cfg = load_pipeline(args.pipeline, parse_overrides(args.set or []))
         if args.executor:
@@ -23,7 +24,17 @@ def _curate(args: argparse.Namespace) -> int:
     except (ConfigError, SourceListError, OutputError, StallError) as e:
         print(f"hdvg curate: {e}", file=sys.stderr)
         return 2
+    finally:
+        if not ray_was_up and _ray_up():
+            # the Ray this command started (or joined) ends with the job, not in Ray's exit
+            # hook, which first sleeps 0.5 s to let log lines drain (ours are printed)
+            sys.modules["ray"].shutdown()
     return 0
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import av
 import pyarrow.parquet as pq
 import pytest
 
+from hdvg.cli import main
 from hdvg.config import load_pipeline
 from hdvg.runner import curate
 
@@ -151,7 +152,11 @@ def test_rerun_same_output_is_a_noop(curated, tmp_path, media_dir, ray_local):
     listing = tmp_path / "sources.txt"
     listing.write_text("".join(f"{m.path}\n" for m in media_dir.values()))
     before = sorted(p.name for p in (out / "manifest" / "clips").glob("*.parquet"))
-    curate(load_pipeline(ROOT / "pipelines" / "smoke.yaml"), str(listing), out, quiet=True)
+    # through the CLI, in this process: a Ray the caller started outlives the command
+    smoke = ROOT / "pipelines" / "smoke.yaml"
+    assert main(["curate", str(smoke), "--input", str(listing), "--output", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    assert ray_local.is_initialized()
     after = sorted(p.name for p in (out / "manifest" / "clips").glob("*.parquet"))
     assert before == after
     ids = [c["clip_id"] for c in _clips(out)]
