@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! $PY -c "import hdvg, ray, scenedetect, av, torch, webdataset, duckdb, open_clip, diffusers, yt_dlp, imageio_ffmpeg, ruff" >/dev/null 2>&1 \
+if ! $PY -c "import hdvg, ray, scenedetect, av, torch, webdataset, duckdb, open_clip, diffusers, yt_dlp, imageio_ffmpeg, ruff, aiohttp" >/dev/null 2>&1 \
    || [ "${HDVG_REINSTALL:-0}" = 1 ]; then
   echo "[setup] pip install -e .[dev]"
   $PY -m pip install -q --disable-pip-version-check -e ".[dev]"
