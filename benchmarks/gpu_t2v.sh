@@ -2,7 +2,9 @@
 # t2v GPU check, <= 300 s on one H100: gpu-marked tests, then the training step at the paper-like
 # size (16x256x256 -> latent 16x32x32, SD-2.x widths, bf16 autocast, AdamW), batch 4, three ways:
 #   A. eager, NCHW (the baseline: 0.454 s/step, 14.2 % MFU last time), then the same with the
-#      norms and GEGLU in the fused Triton kernels (--kernels triton)
+#      norms and GEGLU in the fused Triton kernels (--kernels triton), then those kernels with
+#      channels-last (eager channels-last was slower only for CUDA's group norm copying NHWC to
+#      NCHW and back; the Triton norms read and write NHWC in place)
 #   B. (run last) channels-last (NHWC convs, temporal convs as (3,1) Conv2d) + only the norms
 #      compiled (fused norm+SiLU in NHWC; CUDA's eager group norm copies to NCHW and back)
 #   C. (run second) channels-last + regional torch.compile (each block compiled apart;
@@ -38,6 +40,12 @@ timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
 #     the same step with half the non-matmul bytes (t2v_traffic.py: 332.9 -> 164.5 GB)
 timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --profile "$OUT/t2v_profile_triton" \
   || echo "triton-kernels bench failed or timed out: rc=$?"
+
+# 2c. channels-last + the Triton kernels, eager, profiled. t2v_traffic.py --channels-last: 178.2 GB
+#     of non-matmul traffic (NCHW: 164.5), the difference copies cuDNN's backward would make of
+#     strided gradients; NCHW's own transposes inside cuDNN are not seen there: timed here
+timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --channels-last \
+  --profile "$OUT/t2v_profile_cl_triton" || echo "channels-last triton bench failed or timed out: rc=$?"
 
 # 3. C: channels-last + regional compile, with all that is left but B's 90 s (34 graphs;
 #    compile_s apart). Before B: the larger possible gain, and the one that needs the time.

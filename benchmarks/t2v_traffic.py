@@ -348,6 +348,10 @@ def measure(args) -> dict:
     mode = FakeTensorMode()
     with torch.device("meta"):
         model = build("hdvg", args.width)
+    if args.channels_last:  # on the meta weights: the fake ones below keep their strides
+        from hdvg.t2v.unet import to_channels_last
+
+        to_channels_last(model)
     fake_cuda_model(model, mode)
     params = sum(p.numel() for p in model.parameters())
     labels = Labels(model)
@@ -358,6 +362,10 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     with mode, cuda_autocast_and_sdpa(paths):
         x, t, text = inputs(args.batch, args.frames, args.latent, "cuda")
+        if args.channels_last:
+            from hdvg.t2v.unet import channels_last_input
+
+            x = channels_last_input(x)  # as bench_t2v.py --channels-last feeds it
         target = torch.empty_like(x)
         with traffic:
             pred = model(x, t, text)  # autocast is on (cuda_autocast_and_sdpa's flags)
@@ -396,6 +404,7 @@ def measure(args) -> dict:
         "latent": args.latent,
         "width": args.width,
         "kernels": args.kernels,
+        "channels_last": args.channels_last,
         "params": params,
         "nonmatmul_gb": round(total / GB, 2),
         "nonmatmul_gb_fwd": round(
@@ -430,6 +439,8 @@ def main() -> int:
         "--kernels", default="aten", choices=["aten", "triton"],
         help="norms and GEGLU as eager aten ops, or the fused Triton kernels (counted, not run)",
     )  # fmt: skip
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC model and input (`to_channels_last`), as bench_t2v.py's flag")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     row = measure(args)

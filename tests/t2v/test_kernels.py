@@ -152,13 +152,15 @@ def test_layouts_the_kernels_do_not_take_are_declined(kernels):
     assert kernels.group_norm(x.contiguous(), w, w, 2, 1e-5, False, torch.float32) is not None
 
 
-def test_unet_with_triton_norms_matches_aten(kernels):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_unet_with_triton_norms_matches_aten(kernels, channels_last):
     """A whole tiny U-Net forward + backward with ``train.kernels: triton``: aten's output
-    and every parameter's gradient, with every norm and every GEGLU on the kernels."""
+    and every parameter's gradient, with every norm and every GEGLU on the kernels; NCHW, and
+    channels-last (``to_channels_last``: the norms read and write NHWC as they find it)."""
     from hdvg.t2v import layers
     from hdvg.t2v.layers import FeedForward
     from hdvg.t2v.swap import SwapAttention
-    from hdvg.t2v.unet import SwapUNet
+    from hdvg.t2v.unet import SwapUNet, channels_last_input, to_channels_last
     from tests.t2v.test_model import tiny_cfg
 
     torch.manual_seed(0)  # 2 groups and a 2-frame 4x4 latent: few interpreted programs
@@ -169,6 +171,8 @@ def test_unet_with_triton_norms_matches_aten(kernels):
                 if p.dim() > 1:
                     torch.nn.init.normal_(p, std=0.1)
     x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 32)
+    if channels_last:
+        model, x = to_channels_last(model), channels_last_input(x)
     want = model(x, 10, text)
     want.square().mean().backward()
     ref = [p.grad.clone() for p in model.parameters()]
@@ -176,9 +180,13 @@ def test_unet_with_triton_norms_matches_aten(kernels):
     ran, declined = [], []  # norm kinds the kernels took / left to aten
     real = layers._triton_norm
 
+    nhwc = []  # group norms handed an NHWC (B*F, C, H, W)
+
     def spy(x, weight, bias, spec, *rest):
         y = real(x, weight, bias, spec, *rest)
         (declined if y is None else ran).append(spec[0])
+        if x.dim() == 4 and layers.is_channels_last(x):
+            nhwc.append(y is not None and y.stride() == x.stride())
         return y
 
     gegl = []
@@ -203,6 +211,7 @@ def test_unet_with_triton_norms_matches_aten(kernels):
     n_ff = sum(isinstance(m, FeedForward) for m in model.modules())
     assert len(gegl) == 2 * n_ff > 0  # forward, and the product recomputed in backward
     assert not declined  # the swap windows too (rows over six strided dims)
+    assert (len(nhwc) > 0 and all(nhwc)) if channels_last else not nhwc  # NHWC in, NHWC out
 
 
 def test_kernels_config():
