@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call on a lent H100/H200 (< 8 min of command):
 #   1. benchmarks/gpu_t2v.sh (<= 300 s): t2v gpu tests (the fused Triton kernels on CUDA
-#      included) and the training step: eager aten, eager with --kernels triton, then
-#      channels-last + compile as time allows, issue 7;
+#      included) and the training step: eager aten, eager with --kernels triton (NCHW, then
+#      channels-last), then channels-last + compile as time allows, issue 7;
 #   2. benchmarks/gpu_caption.sh (<= 170 s): the caption stage behind the CPU frame pool
 #      against the direct model loop (BLIP-2 OPT-2.7B shape), issue 3.
 # The device image has torch and transformers; the rest travels as wheels in .whl/ (av,
