@@ -97,6 +97,7 @@ class Progress:
     total: int
     quiet: bool = False
     done: int = 0
+    video_s: float = 0.0  # footage of the sources done (probed duration)
     clips: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     last_print: float = 0.0
@@ -105,19 +106,26 @@ class Progress:
     def update(self, result: SourceResult) -> None:
         self.done += 1
         self.last_event = time.monotonic()
+        if result.source.probe is not None:
+            self.video_s += result.source.probe.duration_s
         for c in result.clips:
             self.clips[c.status] += 1
         now = time.monotonic()
         if not self.quiet and (now - self.last_print > 2.0 or self.done == self.total):
             self.last_print = now
-            el = now - self.started
-            print(
-                f"[hdvg] sources {self.done}/{self.total} | clips accepted "
-                f"{self.clips['accepted']} rejected {self.clips['rejected']} failed "
-                f"{self.clips['failed']} | {el:.0f}s elapsed",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        el = max(now - self.started, 1e-9)
+        left = self.total - self.done
+        # the rate so far includes start-up: the estimate only errs long
+        eta = f", ~{el / self.done * left:.0f}s left" if left and self.done else ""
+        return (
+            f"[hdvg] sources {self.done}/{self.total} | {self.video_s / 60:.1f} min of video, "
+            f"{self.video_s / el:.1f}x realtime | clips accepted {self.clips['accepted']} "
+            f"rejected {self.clips['rejected']} failed {self.clips['failed']} | "
+            f"{el:.0f}s elapsed{eta}"
+        )
 
 
 def _watchdog(progress: Progress, timeout_s: float, stop: threading.Event, flag: list) -> None:

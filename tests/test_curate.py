@@ -182,3 +182,22 @@ def test_cli_exit_codes(tmp_path):
     (tmp_path / "in").mkdir()
     r = _curate_cli(smoke, tmp_path / "in", blocker / "out")
     assert r.returncode == 2 and "cannot write" in r.stderr
+
+
+def test_progress_and_summary_lines(media_dir, ray_local, tmp_path, capsys):
+    """A run says how far it is (sources, footage, realtime factor, clips, time left) and
+    ends with the summary: sources, clips accepted and rejected by reason, stage seconds."""
+    import re
+
+    picked = [media_dir["hd720.mp4"], media_dir["sd480.mp4"]]
+    listing = tmp_path / "sources.txt"
+    listing.write_text("".join(f"{m.path}\n" for m in picked))
+    curate(load_pipeline(ROOT / "pipelines" / "smoke.yaml"), str(listing), tmp_path / "o")
+    err = capsys.readouterr().err
+    last = [ln for ln in err.splitlines() if ln.startswith("[hdvg] sources 2/2")][-1]
+    minutes = float(re.search(r"\| ([\d.]+) min of video, ([\d.]+)x realtime", last).group(1))
+    footage = sum(sum(m.spec.segments) for m in picked) / 60
+    assert abs(minutes - footage) < 0.06
+    assert "clips accepted 2 rejected 2 failed 0" in last and "left" not in last
+    assert "rejected by reason: {'resolution': 2}" in err
+    assert re.search(r"stage seconds \(summed over workers\): .*scenes [\d.]+s", err)
