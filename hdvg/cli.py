@@ -9,7 +9,7 @@ import sys
 
 def _curate(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_pipeline, parse_overrides
-    from .runner import OutputError, StallError, curate
+    from .runner import OutputError, StallError, curate, stop_ray
     from .sources import SourceListError
 
     ray_was_up = _ray_up()
@@ -28,7 +28,7 @@ def _curate(args: argparse.Namespace) -> int:
         if not ray_was_up and _ray_up():
             # the Ray this command started (or joined) ends with the job, not in Ray's exit
             # hook, which first sleeps 0.5 s to let log lines drain (ours are printed)
-            sys.modules["ray"].shutdown()
+            stop_ray(sys.modules["ray"])
     return 0
 
 

@@ -164,6 +164,23 @@ def _init_ray(cfg: PipelineConfig, address: str | None):
     return ray
 
 
+def stop_ray(ray) -> None:
+    """``ray.shutdown()``, without its one-second wait on the embedded cluster's autoscaler
+    monitor. Ray stops its processes one after another, SIGTERM then up to 1 s each; the
+    monitor does not exit on SIGTERM once the GCS is gone, so every run paid that second
+    before the SIGKILL that ends it anyway (shutdown 1.36 s -> 0.35 s). Only the monitor of a
+    head node this process started is killed; a cluster we joined is only disconnected."""
+    try:  # a private handle: a Ray without it simply shuts down the usual way
+        node = ray._private.worker._global_node
+        if node is not None and node.is_head():
+            for info in node.all_processes.get("monitor", []):
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception:  # noqa: BLE001 - shutting down regardless
+        pass
+    ray.shutdown()
+
+
 def _ray_results(cfg: PipelineConfig, tasks: list[SourceTask], out: str, address: str | None):
     ray = _init_ray(cfg, address)
     items = [{"order": t.order, "task": pickle.dumps(t)} for t in tasks]
