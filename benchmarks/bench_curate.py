@@ -90,6 +90,26 @@ def run_hdvg(src: Path, out: Path, ray_address: str | None = None, tree: Path = 
     return time.perf_counter() - t0
 
 
+def run_pyscenedetect(paths: list[Path], out: Path) -> float:
+    """PySceneDetect's own CLI on every file (`detect-adaptive split-video --copy`, the scale
+    reference the issue gives), two files at a time; its split-video runs `ffmpeg` from PATH:
+    our binary, linked into out/bin."""
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "bin").mkdir(parents=True)
+    (out / "bin" / "ffmpeg").symlink_to(ffmpeg_exe())
+    env = dict(os.environ, PATH=f"{out / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    t0 = time.perf_counter()
+
+    def one(p: Path) -> None:
+        subprocess.run([sys.executable, "-m", "scenedetect", "-i", str(p), "-o", str(out / p.stem),
+                        "-q", "detect-adaptive", "split-video", "--copy"],
+                       check=True, env=env, capture_output=True)  # fmt: skip
+
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(one, paths))
+    return time.perf_counter() - t0
+
+
 def export_revision(rev: str, dest: Path) -> Path:
     """`git archive REV` of this repository unpacked into dest (replaced if present)."""
     shutil.rmtree(dest, ignore_errors=True)
@@ -112,6 +132,9 @@ def main() -> None:
     ap.add_argument("--ray-address", default=None,
                     help="join a running Ray (e.g. after `ray start --head`) instead of the "
                          "embedded one: the job without Ray's start-up")  # fmt: skip
+    ap.add_argument("--pyscenedetect", action="store_true",
+                    help="also time PySceneDetect's CLI (detect-adaptive split-video --copy) "
+                         "on the same files in every repeat")  # fmt: skip
     ap.add_argument("--against", metavar="REV", default=None,
                     help="also time a git revision's code in every repeat (interleaved, order "
                          "alternating): an A/B that the machine's drift does not decide")  # fmt: skip
@@ -131,13 +154,15 @@ def main() -> None:
                 linked.append(q)
         paths = linked
     other = export_revision(a.against, wd / "against") if a.against else None
-    plains, twos, hdvgs, others = [], [], [], []
+    plains, twos, hdvgs, others, psds = [], [], [], [], []
     runs = [(hdvgs, wd / "out", ROOT)] + ([(others, wd / "out_against", other)] if other else [])
     for r in range(a.repeats):  # interleaved, so drift on a shared machine hits both
         plains.append(floor_decode(paths, plain=True))
         twos.append(floor_decode(paths, plain=False))
         for times, out, tree in runs[:: -1 if r % 2 else 1]:  # A/B order alternates
             times.append(run_hdvg(src, out, a.ray_address, tree))
+        if a.pyscenedetect:
+            psds.append(run_pyscenedetect(paths, wd / "out_pyscenedetect"))
     run = json.loads((wd / "out" / "run.json").read_text())
     res = {
         "date": time.strftime("%Y-%m-%d"),
@@ -152,6 +177,7 @@ def main() -> None:
         **ratio_fields("plain", plains, hdvgs),
         **ratio_fields("2x1", twos, hdvgs),
         **(against_fields(a.against, plains, hdvgs, others) if other is not None else {}),
+        **(ratio_fields("plain", plains, psds, "pyscenedetect_") if psds else {}),
         "clips": run["counts"]["clips_by_status"],
         "stage_seconds": run["stage_seconds"],
     }
@@ -159,12 +185,14 @@ def main() -> None:
     print(json.dumps(res, indent=2))
 
 
-def ratio_fields(name: str, floors: list, hdvgs: list) -> dict:
-    pairs = [h / f for f, h in zip(floors, hdvgs, strict=True)]
+def ratio_fields(name: str, floors: list, runs: list, who: str = "") -> dict:
+    """Each run over the floor measured in its repeat; `who` prefixes the keys of a run other
+    than hdvg's (its times and ratios; the floor is already listed)."""
+    pairs = [h / f for f, h in zip(floors, runs, strict=True)]
     return {
-        f"floor_{name}_s": [round(x, 2) for x in floors],
-        f"ratio_{name}_pairs": [round(x, 3) for x in pairs],
-        f"ratio_{name}_median": round(statistics.median(pairs), 3),
+        (f"{who}s" if who else f"floor_{name}_s"): [round(x, 2) for x in (runs if who else floors)],
+        f"{who}ratio_{name}_pairs": [round(x, 3) for x in pairs],
+        f"{who}ratio_{name}_median": round(statistics.median(pairs), 3),
     }
 
 
