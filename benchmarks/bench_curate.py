@@ -164,6 +164,8 @@ def main() -> None:
         if a.pyscenedetect:
             psds.append(run_pyscenedetect(paths, wd / "out_pyscenedetect"))
     run = json.loads((wd / "out" / "run.json").read_text())
+    psd = {"pyscenedetect_s": [round(x, 2) for x in psds],
+           **ratio_fields("pyscenedetect_ratio_plain", plains, psds)} if psds else {}  # fmt: skip
     res = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
@@ -172,12 +174,14 @@ def main() -> None:
         "copies": a.copies,
         "ray": a.ray_address or "embedded",
         "hdvg_s": [round(x, 2) for x in hdvgs],
+        "floor_plain_s": [round(x, 2) for x in plains],
+        "floor_2x1_s": [round(x, 2) for x in twos],
         # each hdvg run against the floors measured just before it: the VM's speed drifts by
         # up to a third over minutes, so adjacent pairs are the fairer comparison
-        **ratio_fields("plain", plains, hdvgs),
-        **ratio_fields("2x1", twos, hdvgs),
+        **ratio_fields("ratio_plain", plains, hdvgs),
+        **ratio_fields("ratio_2x1", twos, hdvgs),
         **(against_fields(a.against, plains, hdvgs, others) if other is not None else {}),
-        **(ratio_fields("plain", plains, psds, "pyscenedetect_") if psds else {}),
+        **psd,
         "clips": run["counts"]["clips_by_status"],
         "stage_seconds": run["stage_seconds"],
     }
@@ -185,14 +189,12 @@ def main() -> None:
     print(json.dumps(res, indent=2))
 
 
-def ratio_fields(name: str, floors: list, runs: list, who: str = "") -> dict:
-    """Each run over the floor measured in its repeat; `who` prefixes the keys of a run other
-    than hdvg's (its times and ratios; the floor is already listed)."""
-    pairs = [h / f for f, h in zip(floors, runs, strict=True)]
+def ratio_fields(key: str, floors: list, runs: list) -> dict:
+    """Each run over the floor measured in its repeat, and their median."""
+    pairs = [r / f for f, r in zip(floors, runs, strict=True)]
     return {
-        (f"{who}s" if who else f"floor_{name}_s"): [round(x, 2) for x in (runs if who else floors)],
-        f"{who}ratio_{name}_pairs": [round(x, 3) for x in pairs],
-        f"{who}ratio_{name}_median": round(statistics.median(pairs), 3),
+        f"{key}_pairs": [round(x, 3) for x in pairs],
+        f"{key}_median": round(statistics.median(pairs), 3),
     }
 
 

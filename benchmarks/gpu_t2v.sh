@@ -61,7 +61,7 @@ fi
 # 4. B: channels-last + compiled norms, profiled (~60 s: ~15-20 small graphs, one per norm
 #    rank / channel count / layout, dynamic otherwise)
 left=$((BUDGET - SECONDS - 3))
-if [ "$left" -gt 40 ]; then
+if [ "$left" -gt 80 ]; then  # less leaves no time to compile: the slot is not worth spending
   timeout "$((left < 88 ? left : 88))" $BENCH --steps 6 --warmup 2 --channels-last \
     --compile norms --compile-timeout $((left < 88 ? left - 30 : 58)) \
     --profile "$OUT/t2v_profile_cl_norms" \

@@ -9,10 +9,10 @@ import sys
 
 def _curate(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_pipeline, parse_overrides
-    from .runner import OutputError, StallError, curate, stop_ray
+    from .runner import OutputError, StallError, curate, ray_running, stop_ray
     from .sources import SourceListError
 
-    ray_was_up = _ray_up()
+    ray_was_up = ray_running()
     try:
         cfg = load_pipeline(args.pipeline, parse_overrides(args.set or []))
         if args.executor:
@@ -25,16 +25,11 @@ def _curate(args: argparse.Namespace) -> int:
         print(f"hdvg curate: {e}", file=sys.stderr)
         return 2
     finally:
-        if not ray_was_up and _ray_up():
+        if not ray_was_up and ray_running():
             # the Ray this command started (or joined) ends with the job, not in Ray's exit
             # hook, which first sleeps 0.5 s to let log lines drain (ours are printed)
-            stop_ray(sys.modules["ray"])
+            stop_ray()
     return 0
-
-
-def _ray_up() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,12 +164,20 @@ def _init_ray(cfg: PipelineConfig, address: str | None):
     return ray
 
 
-def stop_ray(ray) -> None:
+def ray_running() -> bool:
+    """Whether this process is connected to a Ray (without importing Ray to find out)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def stop_ray() -> None:
     """``ray.shutdown()``, without its one-second wait on the embedded cluster's autoscaler
     monitor. Ray stops its processes one after another, SIGTERM then up to 1 s each; the
     monitor does not exit on SIGTERM once the GCS is gone, so every run paid that second
     before the SIGKILL that ends it anyway (shutdown 1.36 s -> 0.35 s). Only the monitor of a
     head node this process started is killed; a cluster we joined is only disconnected."""
+    import ray
+
     try:  # a private handle: a Ray without it simply shuts down the usual way
         node = ray._private.worker._global_node
         if node is not None and node.is_head():
