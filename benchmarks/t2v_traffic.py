@@ -296,14 +296,17 @@ class FusedKernelLaunches:
     """``--kernels triton``: the fused kernels of ``hdvg/t2v/kernels.py`` cannot run on fake
     tensors, so each launch is replaced by the bytes the kernel moves by construction: tensor
     arguments read or written as many times as its passes touch them (group norm forward: the
-    input three times -- mean, variance, normalize -- and the output once; backward: input and
-    gradient twice, the input gradient once; layer norm: one tile per row, each tensor once;
+    input three times -- mean and variance of each part, then normalize -- and the output once;
+    backward: input and gradient twice -- the parts' sums, then the input gradient -- and the
+    input gradient written once; layer norm: one tile per row, each tensor once;
     GEGLU: each tensor once), the per-channel / per-row statistics and weights once. What the launch would write is left
     unwritten (fake tensors hold no data)."""
 
     PASSES = {  # kernel -> times per big tensor argument, by position
-        "_gn_fwd": {0: 3, 1: 1},
-        "_gn_bwd": {0: 2, 1: 2, 2: 1},
+        "_gn_stats": {0: 2},
+        "_gn_fwd": {0: 1, 1: 1},
+        "_gn_sums": {0: 1, 1: 1},
+        "_gn_bwd": {0: 1, 1: 1, 2: 1},
         "_ln_fwd": {0: 1, 1: 1},
         "_ln_bwd": {0: 1, 1: 1, 2: 1},
         "_geglu_fwd": {0: 1, 1: 1},

@@ -120,10 +120,15 @@ def _device_table(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int32, device=device)
 
 
+TILE = 4096  # elements a program loads at a time (channels x spatial for group norms)
 # Warps per program, for the 4096-element tiles: the fewest with no register spills and at most
 # ~128 registers a thread in the sm_90 build (``python -m hdvg.t2v.kernels``: registers and
 # spill bytes per kernel from the cubin, no GPU needed). Untimed: tune on a GPU.
-WARPS = {"gn_fwd": 8, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16}
+WARPS = {"gn_stats": 8, "gn_fwd": 8, "gn_sums": 16, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16}
+# Group norms: at least this many programs (parts of groups) per launch -- ~8 per SM of an H100
+# -- and at most MAX_SPLIT parts a group (their partial sums are loaded in one tile). Untimed.
+GN_PROGRAMS = 1024
+MAX_SPLIT = 64
 INT32_MAX = 2**31 - 1  # the kernels index in int32 (64-bit division is slow on the GPU)
 
 
@@ -133,7 +138,18 @@ def _pow2(n: int) -> int:
 
 def _group_tiles(cg: int, s: int) -> tuple[int, int]:
     bc = _pow2(cg)
-    return bc, max(2, min(_pow2(s), max(2, 4096 // bc)))
+    return bc, max(2, min(_pow2(s), max(2, TILE // bc)))
+
+
+def _group_split(groups: int, s: int, bs: int) -> tuple[int, int]:
+    """(span, parts): each group's spatial span cut into parts of whole tiles, so that at least
+    :data:`GN_PROGRAMS` programs share the work. One program per group left the GPU idle on
+    the temporal norms (a group spans a whole video: batch x 32 groups, 128 programs at batch
+    4 on an H100's 132 SMs, one block each); the parts' statistics are combined exactly."""
+    tiles = -(-s // bs)
+    split = max(1, min(tiles, MAX_SPLIT, -(-GN_PROGRAMS // groups)))
+    chunk = bs * -(-tiles // split)
+    return chunk, -(-s // chunk)
 
 
 def _row_tiles(c: int) -> tuple[int, int]:
@@ -147,16 +163,20 @@ if triton is not None:
 
     @triton.jit
     def _tile_ptrs(base, c, s, S, S2, sc, s1, s2, cmask):
-        """Offsets of a (channels x flattened-spatial) tile and its mask."""
+        """Offsets of a (channels x flattened-spatial) tile and its mask (``s < S``)."""
         off = c[:, None] * sc + ((s // S2) * s1 + (s % S2) * s2)[None, :]
         return base + off, cmask[:, None] & (s < S)[None, :]
 
     @triton.jit
-    def _group_of_program(G, CG, BLOCK_C: tl.constexpr):
-        """This program's sample ``n``, its group's channels ``c`` and their mask."""
+    def _part_of_program(G, CG, S, CHUNK, SPLIT, BLOCK_C: tl.constexpr):
+        """This program's group (``n * G + g``), sample ``n``, the group's channels ``c`` and
+        their mask, its part ``k`` of the group's spatial span and that part's ``[lo, hi)``."""
         pid = tl.program_id(0)
+        grp = pid // SPLIT
+        k = pid % SPLIT
         cr = tl.arange(0, BLOCK_C)
-        return pid // G, (pid % G) * CG + cr, cr < CG
+        lo = k * CHUNK
+        return grp, grp // G, (grp % G) * CG + cr, cr < CG, k, lo, tl.minimum(S, lo + CHUNK)
 
     @triton.jit
     def _xhat_dy(xb, gb, c, s, S, S2, sxc, sx1, sx2, sgc, sg1, sg2, cmask, mean, rstd, w, b,
@@ -174,72 +194,113 @@ if triton is not None:
         return xhat, dy, m
 
     @triton.jit
-    def _gn_fwd(X, Y, W, B, MEAN, RSTD, G, CG, S, S2, eps,
-                sxn, sxc, sx1, sx2, syn, syc, sy1, sy2,
-                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        n, c, cmask = _group_of_program(G, CG, BLOCK_C)
+    def _gn_stats(X, PART, G, CG, S, S2, CHUNK, SPLIT, sxn, sxc, sx1, sx2,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """Mean and sum of squared deviations of one part of a group (two passes over the
+        part, the second from L2: no cancellation on large groups)."""
+        grp, n, c, cmask, k, lo, hi = _part_of_program(G, CG, S, CHUNK, SPLIT, BLOCK_C)
         xb = X + n * sxn
-        count = (CG * S).to(tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2, cmask)
+        for s0 in range(lo, hi, BLOCK_S):
+            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), hi, S2, sxc, sx1, sx2, cmask)
             acc += tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / (CG * (hi - lo)).to(tl.float32)
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):  # two passes: no cancellation on large groups
-            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2, cmask)
+        for s0 in range(lo, hi, BLOCK_S):
+            ptr, m = _tile_ptrs(xb, c, s0 + tl.arange(0, BLOCK_S), hi, S2, sxc, sx1, sx2, cmask)
             d = tl.where(m, tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
             acc += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
-        tl.store(MEAN + pid, mean)
-        tl.store(RSTD + pid, rstd)
+        tl.store(PART + 2 * tl.program_id(0), mean)
+        tl.store(PART + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+    @triton.jit
+    def _gn_fwd(X, Y, W, B, PART, MEAN, RSTD, G, CG, S, S2, CHUNK, SPLIT, eps,
+                sxn, sxc, sx1, sx2, syn, syc, sy1, sy2,
+                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+        """The group's statistics from its parts' (Chan's pairwise combination), then this part
+        normalized (+ SiLU) and written."""
+        grp, n, c, cmask, k, lo, hi = _part_of_program(G, CG, S, CHUNK, SPLIT, BLOCK_C)
+        kk = tl.arange(0, BLOCK_K)
+        km = kk < SPLIT
+        means = tl.load(PART + 2 * (grp * SPLIT + kk), mask=km, other=0.0)
+        m2s = tl.load(PART + 2 * (grp * SPLIT + kk) + 1, mask=km, other=0.0)
+        counts = tl.where(km, (CG * (tl.minimum(S, (kk + 1) * CHUNK) - kk * CHUNK)), 0)
+        counts = counts.to(tl.float32)
+        total = (CG * S).to(tl.float32)
+        mean = tl.sum(counts * means, axis=0) / total
+        dev = tl.where(km, means - mean, 0.0)
+        var = (tl.sum(m2s, axis=0) + tl.sum(counts * dev * dev, axis=0)) / total
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(MEAN + grp, mean, mask=k == 0)
+        tl.store(RSTD + grp, rstd, mask=k == 0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        xb = X + n * sxn
         yb = Y + n * syn
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in range(lo, hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            ptr, m = _tile_ptrs(xb, c, s, S, S2, sxc, sx1, sx2, cmask)
+            ptr, m = _tile_ptrs(xb, c, s, hi, S2, sxc, sx1, sx2, cmask)
             y = (tl.load(ptr, mask=m, other=0.0).to(tl.float32) - mean) * rstd * w + b
             if SILU:
                 y = y * tl.sigmoid(y)
-            yptr, _ = _tile_ptrs(yb, c, s, S, S2, syc, sy1, sy2, cmask)
+            yptr, _ = _tile_ptrs(yb, c, s, hi, S2, syc, sy1, sy2, cmask)
             tl.store(yptr, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gn_bwd(X, DY, DX, W, B, MEAN, RSTD, DW, DB, G, CG, C, S, S2,
-                sxn, sxc, sx1, sx2, sgn, sgc, sg1, sg2, sdn, sdc, sd1, sd2,
-                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        n, c, cmask = _group_of_program(G, CG, BLOCK_C)
-        mean = tl.load(MEAN + pid)
-        rstd = tl.load(RSTD + pid)
+    def _gn_sums(X, DY, W, B, MEAN, RSTD, PDW, PDB, G, CG, C, S, S2, CHUNK, SPLIT,
+                 sxn, sxc, sx1, sx2, sgn, sgc, sg1, sg2,
+                 SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """Per channel, one part's sums of ``dy`` and ``dy * xhat`` (the bias and weight
+        gradients of this sample, in parts)."""
+        grp, n, c, cmask, k, lo, hi = _part_of_program(G, CG, S, CHUNK, SPLIT, BLOCK_C)
+        mean = tl.load(MEAN + grp)
+        rstd = tl.load(RSTD + grp)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
         xb = X + n * sxn
         gb = DY + n * sgn
-        count = (CG * S).to(tl.float32)
-        a_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy over (s), per channel
-        a_dyx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # sum of dy * xhat
-        for s0 in range(0, S, BLOCK_S):
-            xhat, dy, m = _xhat_dy(xb, gb, c, s0 + tl.arange(0, BLOCK_S), S, S2, sxc, sx1, sx2,
+        a_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        a_dyx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for s0 in range(lo, hi, BLOCK_S):
+            xhat, dy, m = _xhat_dy(xb, gb, c, s0 + tl.arange(0, BLOCK_S), hi, S2, sxc, sx1, sx2,
                                    sgc, sg1, sg2, cmask, mean, rstd, w, b, SILU)  # fmt: skip
             a_dy += dy
             a_dyx += tl.where(m, dy * xhat, 0.0)
-        dw = tl.sum(a_dyx, axis=1)  # per channel, this sample
-        db = tl.sum(a_dy, axis=1)
-        tl.store(DW + n * C + c, dw, mask=cmask)
-        tl.store(DB + n * C + c, db, mask=cmask)
+        part = (n * SPLIT + k) * C + c
+        tl.store(PDW + part, tl.sum(a_dyx, axis=1), mask=cmask)
+        tl.store(PDB + part, tl.sum(a_dy, axis=1), mask=cmask)
+
+    @triton.jit
+    def _gn_bwd(X, DY, DX, W, B, MEAN, RSTD, PDW, PDB, G, CG, C, S, S2, CHUNK, SPLIT,
+                sxn, sxc, sx1, sx2, sgn, sgc, sg1, sg2, sdn, sdc, sd1, sd2,
+                SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+        """The group's two gradient means from its parts' sums, then this part's input
+        gradient."""
+        grp, n, c, cmask, k, lo, hi = _part_of_program(G, CG, S, CHUNK, SPLIT, BLOCK_C)
+        mean = tl.load(MEAN + grp)
+        rstd = tl.load(RSTD + grp)
+        kk = tl.arange(0, BLOCK_K)
+        parts = (n * SPLIT + kk)[:, None] * C + c[None, :]
+        pm = (kk < SPLIT)[:, None] & cmask[None, :]
+        dw = tl.sum(tl.load(PDW + parts, mask=pm, other=0.0), axis=0)  # per channel
+        db = tl.sum(tl.load(PDB + parts, mask=pm, other=0.0), axis=0)
         wv = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        count = (CG * S).to(tl.float32)
         m1 = tl.sum(db * wv, axis=0) / count  # mean of dy * w over the group
         m2 = tl.sum(dw * wv, axis=0) / count  # mean of dy * w * xhat
+        w = wv[:, None]
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[:, None]
+        xb = X + n * sxn
+        gb = DY + n * sgn
         db_ = DX + n * sdn
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in range(lo, hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            xhat, dy, m = _xhat_dy(xb, gb, c, s, S, S2, sxc, sx1, sx2, sgc, sg1, sg2, cmask,
+            xhat, dy, m = _xhat_dy(xb, gb, c, s, hi, S2, sxc, sx1, sx2, sgc, sg1, sg2, cmask,
                                    mean, rstd, w, b, SILU)  # fmt: skip
             dx = (dy * w - m1 - xhat * m2) * rstd
-            dptr, _ = _tile_ptrs(db_, c, s, S, S2, sdc, sd1, sd2, cmask)
+            dptr, _ = _tile_ptrs(db_, c, s, hi, S2, sdc, sd1, sd2, cmask)
             tl.store(dptr, dx.to(DX.dtype.element_ty), mask=m)
 
     # --- layer norm (rows) ------------------------------------------------------------------
@@ -362,13 +423,18 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, perm):
         y = _out_like(x, out_dtype, perm)
         (n, c, s1, s2), (sx, sy) = _group_layout(x, y)
-        cg = c // groups
+        cg, s = c // groups, s1 * s2
+        bc, bs = _group_tiles(cg, s)
+        chunk, split = _group_split(n * groups, s, bs)
+        part = torch.empty(n * groups * split, 2, device=x.device, dtype=torch.float32)
         mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        bc, bs = _group_tiles(cg, s1 * s2)
-        _gn_fwd[(n * groups,)](x, y, weight, bias, mean, rstd, groups, cg, s1 * s2, s2, eps,
-                               *sx, *sy, SILU=silu, BLOCK_C=bc, BLOCK_S=bs,
-                               num_warps=WARPS["gn_fwd"])  # fmt: skip
+        grid = (n * groups * split,)
+        _gn_stats[grid](x, part, groups, cg, s, s2, chunk, split, *sx,
+                        BLOCK_C=bc, BLOCK_S=bs, num_warps=WARPS["gn_stats"])  # fmt: skip
+        _gn_fwd[grid](x, y, weight, bias, part, mean, rstd, groups, cg, s, s2, chunk, split, eps,
+                      *sx, *sy, SILU=silu, BLOCK_C=bc, BLOCK_S=bs, BLOCK_K=_pow2(split),
+                      num_warps=WARPS["gn_fwd"])  # fmt: skip
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu = groups, silu
         return y
@@ -380,14 +446,19 @@ class _GroupNorm(torch.autograd.Function):
         dx = torch.empty_like(x)
         (n, c, s1, s2), (sx, sg, sd) = _group_layout(x, grad, dx)
         groups = ctx.groups
-        cg = c // groups
-        dw = torch.empty(n, c, device=x.device, dtype=torch.float32)
+        cg, s = c // groups, s1 * s2
+        bc, bs = _group_tiles(cg, s)
+        chunk, split = _group_split(n * groups, s, bs)
+        dw = torch.empty(n * split, c, device=x.device, dtype=torch.float32)  # per sample, part
         db = torch.empty_like(dw)
-        bc, bs = _group_tiles(cg, s1 * s2)
-        _gn_bwd[(n * groups,)](x, grad, dx, weight, bias, mean, rstd, dw, db, groups, cg, c,
-                               s1 * s2, s2, *sx, *sg, *sd,
-                               SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs,
-                               num_warps=WARPS["gn_bwd"])  # fmt: skip
+        grid = (n * groups * split,)
+        args = (groups, cg, c, s, s2, chunk, split)
+        _gn_sums[grid](x, grad, weight, bias, mean, rstd, dw, db, *args, *sx, *sg,
+                       SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs,
+                       num_warps=WARPS["gn_sums"])  # fmt: skip
+        _gn_bwd[grid](x, grad, dx, weight, bias, mean, rstd, dw, db, *args, *sx, *sg, *sd,
+                      SILU=ctx.silu, BLOCK_C=bc, BLOCK_S=bs, BLOCK_K=_pow2(split),
+                      num_warps=WARPS["gn_bwd"])  # fmt: skip
         return (dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype),
                 None, None, None, None, None)  # fmt: skip
 
@@ -499,7 +570,7 @@ def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
 
 _PTR_TYPES = {
     **dict.fromkeys(("X", "Y", "DY", "DX", "A", "P", "GP", "GA"), "*bf16"),
-    **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB"), "*fp32"),
+    **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB", "PART", "PDW", "PDB"), "*fp32"),
     "RD": "*i32",
     "eps": "fp32",
 }
@@ -507,13 +578,19 @@ _PTR_TYPES = {
 
 def build_cases() -> list[tuple[str, dict]]:
     """(kernel, constexprs) of the paper-size U-Net (SD-2.x widths, 32 groups, latent 32x32 and
-    16 frames down to 4x4): every tile shape its norms and GEGLUs launch."""
+    16 frames down to 4x4, batch up to 8): every tile shape its norms and GEGLUs launch."""
     cases: set = set()
     for c in (320, 640, 960, 1280, 1920, 2560):
         for s in (16, 64, 256, 1024, 16 * 16, 16 * 64, 16 * 256, 16 * 1024):
             bc, bs = _group_tiles(c // 32, s)
-            for name in ("_gn_fwd", "_gn_bwd"):
-                cases.add((name, (("SILU", True), ("BLOCK_C", bc), ("BLOCK_S", bs))))
+            for name in ("_gn_stats", "_gn_sums"):
+                silu = () if name == "_gn_stats" else (("SILU", True),)
+                cases.add((name, (*silu, ("BLOCK_C", bc), ("BLOCK_S", bs))))
+            for n in (1, 2, 4, 8, 16, 32, 64, 128):  # videos (temporal norms) or frames
+                split = _group_split(n * 32, s, bs)[1]
+                for name in ("_gn_fwd", "_gn_bwd"):
+                    consts = (("BLOCK_C", bc), ("BLOCK_S", bs), ("BLOCK_K", _pow2(split)))
+                    cases.add((name, (("SILU", True), *consts)))
     for c in (320, 640, 1280):
         bc, bm = _row_tiles(c)
         for nd in (1, 6):

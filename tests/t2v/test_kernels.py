@@ -10,6 +10,8 @@ backward with every norm it can take on the kernels. (On the GPU: tests/t2v/test
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,23 @@ GROUP_CASES = [
 ]
 
 
+# how a group's spatial span is cut into parts (programs), as (TILE, GN_PROGRAMS): one part
+# (these small groups are one tile), a part per tile, two parts of several tiles each (the
+# first case's last tile and last part are short: 30 = 7 x 4 + 2 = 16 + 14)
+SPLITS = {"one_part": (4096, 1), "tile_parts": (8, 1024), "two_parts": (8, None)}
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("shape,groups,silu,perm,layout", GROUP_CASES)
-def test_group_kernels_matches_aten(kernels, shape, groups, silu, perm, layout):
+def test_group_kernels_matches_aten(kernels, monkeypatch, split, shape, groups, silu, perm, layout):
+    tile, programs = SPLITS[split]
+    monkeypatch.setattr(kernels, "TILE", tile)
+    monkeypatch.setattr(kernels, "GN_PROGRAMS", programs or 2 * shape[0] * groups)
+    n_groups, s = shape[0] * groups, math.prod(shape[2:])
+    bs = kernels._group_tiles(shape[1] // groups, s)[1]
+    chunk, parts = kernels._group_split(n_groups, s, bs)
+    assert parts == {"one_part": 1, "tile_parts": -(-s // bs), "two_parts": 2}[split]
+    assert (chunk == bs) == (split == "tile_parts") or parts == 1
     torch.manual_seed(0)
     x = layout(torch.randn(shape) * 3 + 1)
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
@@ -153,10 +170,18 @@ def test_layouts_the_kernels_do_not_take_are_declined(kernels):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_unet_with_triton_norms_matches_aten(kernels, channels_last):
+def test_unet_with_triton_norms_matches_aten(kernels, monkeypatch, channels_last):
     """A whole tiny U-Net forward + backward with ``train.kernels: triton``: aten's output
     and every parameter's gradient, with every norm and every GEGLU on the kernels; NCHW, and
-    channels-last (``to_channels_last``: the norms read and write NHWC as they find it)."""
+    channels-last (``to_channels_last``: the norms read and write NHWC as they find it).
+    Small tiles: the larger groups run in several parts, as the paper-size temporal norms do."""
+    monkeypatch.setattr(kernels, "TILE", 128)
+    monkeypatch.setattr(kernels, "GN_PROGRAMS", 8)  # 2 to 4 parts: few interpreted programs
+    parts = []
+    real_split = kernels._group_split
+    monkeypatch.setattr(
+        kernels, "_group_split", lambda *a: parts.append(real_split(*a)) or parts[-1]
+    )
     from hdvg.t2v import layers
     from hdvg.t2v.layers import FeedForward
     from hdvg.t2v.swap import SwapAttention
@@ -208,6 +233,7 @@ def test_unet_with_triton_norms_matches_aten(kernels, channels_last):
     for a, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
     assert "group" in ran and "layer" in ran
+    assert {p for _, p in parts} > {1}  # groups in one part and in several
     n_ff = sum(isinstance(m, FeedForward) for m in model.modules())
     assert len(gegl) == 2 * n_ff > 0  # forward, and the product recomputed in backward
     assert not declined  # the swap windows too (rows over six strided dims)
@@ -236,8 +262,10 @@ def test_kernels_build_for_an_h100_without_spills():
     import sys
 
     cases = [
-        ("_gn_fwd", {"SILU": True, "BLOCK_C": 128, "BLOCK_S": 32}),
-        ("_gn_bwd", {"SILU": True, "BLOCK_C": 16, "BLOCK_S": 256}),
+        ("_gn_stats", {"BLOCK_C": 128, "BLOCK_S": 32}),
+        ("_gn_fwd", {"SILU": True, "BLOCK_C": 32, "BLOCK_S": 128, "BLOCK_K": 64}),
+        ("_gn_sums", {"SILU": True, "BLOCK_C": 64, "BLOCK_S": 64}),
+        ("_gn_bwd", {"SILU": True, "BLOCK_C": 16, "BLOCK_S": 256, "BLOCK_K": 64}),
         ("_ln_fwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_ln_bwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_geglu_bwd", {"BLOCK": 1024}),
