@@ -153,6 +153,10 @@ class TrainConfig:
     # 333 -> ~165 GB at batch 4, t2v_traffic.py); "aten": the eager ops. Ignored on the CPU
     # and under compile
     kernels: str = "aten"
+    # cuDNN times its convolution algorithms once per shape and keeps the fastest (a run's
+    # shapes are fixed: data.size, data.frames, batch_size); false: its heuristics, the same
+    # algorithms every run (bit-reproducible GPU runs)
+    cudnn_benchmark: bool = True
     # train only the new modules (swap attention) and keep the loaded base frozen
     train_only_new: bool = False
 

@@ -322,6 +322,7 @@ def main(
         compile_regions(unet)
     compile_norms(tc.compile == "norms")  # process-wide: the norms of every U-Net
     use_kernels(tc.kernels)
+    torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # process-wide too; no-op on the CPU
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None

@@ -56,15 +56,18 @@ def test_tiny_model_overfits_a_few_clips(two_clips, tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
-def test_resume_matches_uninterrupted_run(shard_root, tmp_path):
-    def cfg() -> T2VConfig:
-        c = micro_cfg(steps=4, ckpt_every=2)
+def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch):
+    def cfg(**train) -> T2VConfig:
+        c = micro_cfg(steps=4, ckpt_every=2, **train)
         c.data.num_workers = 2  # the stream's per-worker cursors are part of the state
         return c
 
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(cfg(), str(shard_root), full) == 0
-    assert main(cfg(), str(shard_root), cut, steps=2) == 0  # "killed" after step 2
+    assert torch.backends.cudnn.benchmark  # train.cudnn_benchmark's default
+    assert main(cfg(cudnn_benchmark=False), str(shard_root), cut, steps=2) == 0  # "killed"
+    assert not torch.backends.cudnn.benchmark
     assert main(cfg(), str(shard_root), cut, resume=True) == 0
     a, b = losses(full), losses(cut)
     assert [a[s] for s in (1, 2, 3, 4)] == [b[s] for s in (1, 2, 3, 4)]
