@@ -269,7 +269,7 @@ class CustomFunctionGroups:
         from hdvg.t2v import layers
 
         self.patched = []
-        groups = {layers._Norm: "norms (+ SiLU, fp32 casts)", layers._GegluLinear: "GEGLU"}
+        groups = {layers._Norm: "norms (+ SiLU, fp32 casts)", layers._GegluFeedForward: "GEGLU"}
         for cls, group in groups.items():
             for name in ("forward", "backward"):
                 fn = getattr(cls, name)
@@ -313,6 +313,9 @@ class FusedKernelLaunches:
         "_geglu_bwd": {0: 1, 1: 1, 2: 1},
     }
 
+    # tensor arguments a launch uses only when its flag is set (else another tensor stands in)
+    OPTIONAL = {"_geglu_bwd": {3: "PRODUCT", 4: "BIAS"}}
+
     def __init__(self, traffic: Traffic):
         from hdvg.t2v import kernels, layers
 
@@ -326,10 +329,11 @@ class FusedKernelLaunches:
     def launcher(name, passes, traffic):
         class Launch:
             def __getitem__(self, grid):
-                def run(*args, **_):
+                def run(*args, **flags):
                     nbytes = 0
+                    optional = FusedKernelLaunches.OPTIONAL.get(name, {})
                     for i, a in enumerate(args):
-                        if torch.is_tensor(a):
+                        if torch.is_tensor(a) and flags.get(optional.get(i), True):
                             nbytes += passes.get(i, 1) * span_bytes(a)
                     key = (traffic.phase, f"triton {name}", traffic.labels.current)
                     traffic.bytes[key] += nbytes

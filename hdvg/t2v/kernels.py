@@ -124,11 +124,13 @@ TILE = 4096  # elements a program loads at a time (channels x spatial for group 
 # Warps per program, for the 4096-element tiles: the fewest with no register spills and at most
 # ~128 registers a thread in the sm_90 build (``python -m hdvg.t2v.kernels``: registers and
 # spill bytes per kernel from the cubin, no GPU needed). Untimed: tune on a GPU.
-WARPS = {"gn_stats": 8, "gn_fwd": 8, "gn_sums": 16, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16}
+WARPS = {"gn_stats": 8, "gn_fwd": 8, "gn_sums": 16, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16,
+         "geglu_bwd": 16}  # fmt: skip
 # Group norms: at least this many programs (parts of groups) per launch -- ~8 per SM of an H100
 # -- and at most MAX_SPLIT parts a group (their partial sums are loaded in one tile). Untimed.
 GN_PROGRAMS = 1024
 MAX_SPLIT = 64
+ROW_PROGRAMS = 256  # GEGLU backward: at most this many blocks of rows (each sums its bias grads)
 INT32_MAX = 2**31 - 1  # the kernels index in int32 (64-bit division is slow on the GPU)
 
 
@@ -388,17 +390,42 @@ if triton is not None:
         tl.store(P + row * N + col, (hid * gelu).to(P.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _geglu_bwd(A, GP, GA, N, BLOCK: tl.constexpr):
-        """The gradient of ``A`` from the gradient ``GP`` of ``A[:, :N] * gelu(A[:, N:])``."""
-        row = tl.program_id(0).to(tl.int64)
+    def _geglu_bwd(A, GP, GA, P, GB, M, N, ROWS,
+                   PRODUCT: tl.constexpr, BIAS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """The gradient of ``A`` (M, 2N) from the gradient ``GP`` (M, N) of ``A[:, :N] *
+        gelu(A[:, N:])``, for ``ROWS`` rows from this program's first. ``PRODUCT``: also
+        write the product to ``P`` (the next matmul's input, recomputed for its weight
+        gradient); ``BIAS``: this program's column sums of the gradient to its row of ``GB``
+        (the gradient of the bias that made ``A``; the caller adds the programs' rows)."""
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = col < N
-        hid = tl.load(A + row * 2 * N + col, mask=m, other=0.0).to(tl.float32)
-        gate = tl.load(A + row * 2 * N + N + col, mask=m, other=0.0).to(tl.float32)
-        gp = tl.load(GP + row * N + col, mask=m, other=0.0).to(tl.float32)
-        gelu, dgelu = _gelu_parts(gate)
-        tl.store(GA + row * 2 * N + col, (gp * gelu).to(GA.dtype.element_ty), mask=m)
-        tl.store(GA + row * 2 * N + N + col, (gp * hid * dgelu).to(GA.dtype.element_ty), mask=m)
+        cm = col < N
+        first = tl.program_id(0) * ROWS
+        sum_h = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+        for r0 in range(first, tl.minimum(M, first + ROWS), BLOCK_R):
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            m = (rows < M)[:, None] & cm[None, :]
+            a = A + rows[:, None] * 2 * N + col[None, :]
+            hid = tl.load(a, mask=m, other=0.0).to(tl.float32)
+            gate = tl.load(a + N, mask=m, other=0.0).to(tl.float32)
+            gp = tl.load(GP + rows[:, None] * N + col[None, :], mask=m, other=0.0).to(tl.float32)
+            gelu, dgelu = _gelu_parts(gate)
+            gh = gp * gelu
+            gg = gp * hid * dgelu
+            ga = GA + rows[:, None] * 2 * N + col[None, :]
+            tl.store(ga, gh.to(GA.dtype.element_ty), mask=m)
+            tl.store(ga + N, gg.to(GA.dtype.element_ty), mask=m)
+            if PRODUCT:
+                prod = (hid * gelu).to(P.dtype.element_ty)
+                tl.store(P + rows[:, None] * N + col[None, :], prod, mask=m)
+            if BIAS:
+                sum_h += tl.sum(tl.where(m, gh, 0.0), axis=0)
+                sum_g += tl.sum(tl.where(m, gg, 0.0), axis=0)
+        if BIAS:
+            gb = GB + tl.program_id(0) * 2 * N + col
+            tl.store(gb, sum_h, mask=cm)
+            tl.store(gb + N, sum_g, mask=cm)
 
 
 # --- autograd ---------------------------------------------------------------------------
@@ -546,7 +573,7 @@ def _perm_strides(shape: tuple, perm: tuple) -> tuple:
 def geglu(a: torch.Tensor) -> torch.Tensor | None:
     """``h * gelu(gate)`` for ``h, gate = a.chunk(2, -1)``, one read of ``a`` and one write, in
     ``a``'s dtype (fp32 inside); None for a non-contiguous ``a``. No autograd: the caller's
-    :class:`hdvg.t2v.layers._GegluLinear` keeps ``a`` and calls :func:`geglu_backward`."""
+    :class:`hdvg.t2v.layers._GegluFeedForward` keeps ``a`` and calls :func:`geglu_backward`."""
     if not a.is_contiguous() or a.shape[-1] % 2:
         return None
     i = a.shape[-1] // 2
@@ -556,21 +583,32 @@ def geglu(a: torch.Tensor) -> torch.Tensor | None:
     return p
 
 
-def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``a`` (contiguous, as :func:`geglu` took it) from that of its output."""
+def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor, product: bool = False,
+                   bias: bool = False):  # fmt: skip
+    """The gradient of ``a`` (contiguous, as :func:`geglu` took it) from that of its output,
+    in one read of ``a`` and ``grad_p``. Returns ``(grad_a, p, grad_bias)``: ``p`` the product
+    recomputed on the way (``product=True``, else None), ``grad_bias`` the fp32 sum of
+    ``grad_a`` over all rows (``bias=True``, else None)."""
     i = a.shape[-1] // 2
+    m = a.numel() // (2 * i)
     grad_a = torch.empty_like(a)
+    p = a.new_empty(*a.shape[:-1], i) if product else grad_a  # (unused pointer if not asked)
     block = min(1024, _pow2(i))
-    _geglu_bwd[(a.numel() // (2 * i), -(-i // block))](a, grad_p.contiguous(), grad_a, i,
-                                                        BLOCK=block)  # fmt: skip
-    return grad_a
+    block_r = max(1, TILE // block)
+    rows = block_r * -(-m // (block_r * ROW_PROGRAMS))  # few partial sums to add
+    progs = -(-m // rows)
+    gb = torch.empty(progs, 2 * i, device=a.device, dtype=torch.float32) if bias else grad_a
+    _geglu_bwd[(progs, -(-i // block))](a, grad_p.contiguous(), grad_a, p, gb, m, i, rows,
+                                        PRODUCT=product, BIAS=bias, BLOCK_R=block_r,
+                                        BLOCK=block, num_warps=WARPS["geglu_bwd"])  # fmt: skip
+    return grad_a, (p if product else None), (gb.sum(0) if bias else None)
 
 
 # --- a GPU build report without a GPU ---------------------------------------------------
 
 _PTR_TYPES = {
     **dict.fromkeys(("X", "Y", "DY", "DX", "A", "P", "GP", "GA"), "*bf16"),
-    **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB", "PART", "PDW", "PDB"), "*fp32"),
+    **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB", "PART", "PDW", "PDB", "GB"), "*fp32"),
     "RD": "*i32",
     "eps": "fp32",
 }
@@ -596,7 +634,10 @@ def build_cases() -> list[tuple[str, dict]]:
         for nd in (1, 6):
             for name in ("_ln_fwd", "_ln_bwd"):
                 cases.add((name, (("ND", nd), ("BLOCK_M", bm), ("BLOCK_C", bc))))
-    cases |= {(name, (("BLOCK", 1024),)) for name in ("_geglu_fwd", "_geglu_bwd")}
+    cases.add(("_geglu_fwd", (("BLOCK", 1024),)))
+    for product, bias in ((False, False), (True, True)):  # GEGLU widths 1280 to 5120: 1024
+        consts = (("PRODUCT", product), ("BIAS", bias), ("BLOCK_R", TILE // 1024))
+        cases.add(("_geglu_bwd", (*consts, ("BLOCK", 1024))))
     return [(name, dict(consts)) for name, consts in sorted(cases)]
 
 

@@ -12,8 +12,9 @@ on load, see :class:`Attention`). What differs from a plain ``nn.Module`` stack,
   after a group norm is folded in and the norm recomputed in backward (one memory-bound
   kernel). Outside autocast they are the plain ops, bit for bit.
 - **GEGLU + output projection keep one tensor.** ``h * gelu(gate)`` and the ``Linear`` after
-  it would keep the projection, ``gelu(gate)`` and the product; :class:`_GegluLinear` keeps
-  the projection only and recomputes the rest in backward.
+  it would keep the projection, ``gelu(gate)`` and the product; :class:`_GegluFeedForward`
+  keeps the projection only (and the block's input, as the first ``Linear`` would) and
+  recomputes the rest in backward.
 - **Fused projections.** Self-attention runs one ``to_qkv`` matmul (one kept input, one
   kernel, instead of three of each); cross-attention one ``to_kv`` on the context.
 - **No masks, head dim 64, last dim contiguous**, so SDPA takes the flash kernel on a GPU;
@@ -154,7 +155,7 @@ _kernels = "aten"  # set by use_kernels
 def use_kernels(kind: str = "aten") -> None:
     """``"triton"``: on CUDA tensors the group / layer norms (+ SiLU) and GEGLU run the fused
     kernels of :mod:`hdvg.t2v.kernels` (one bf16 read per pass, fp32 inside; layouts they do
-    not take keep the aten path); ``"aten"``: :class:`_Norm` and :class:`_GegluLinear`'s eager
+    not take keep the aten path); ``"aten"``: :class:`_Norm` and :class:`_GegluFeedForward`'s eager
     ops. Process-wide, like :func:`compile_norms`."""
     global _kernels
     if kind not in ("aten", "triton"):
@@ -272,43 +273,56 @@ def _heads(proj: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ..
     return tuple(t.transpose(1, 2) for t in split.unbind(2))
 
 
-class _GegluLinear(torch.autograd.Function):
-    """``linear(h * gelu(gate), w, b)`` for ``h, gate = a.chunk(2, -1)``, keeping only ``a``.
-    With ``use_kernels("triton")`` the product and ``a``'s gradient are one fused kernel each
-    (:func:`hdvg.t2v.kernels.geglu`), else eager ops."""
+class _GegluFeedForward(torch.autograd.Function):
+    """``linear(h * gelu(gate), wo, bo)`` for ``h, gate = linear(x, wp, bp).chunk(2, -1)``,
+    keeping ``x`` and the projection ``a`` only (the product is recomputed in backward).
+    With ``use_kernels("triton")`` the product is one fused kernel, and so is ``a``'s
+    gradient, which also writes the recomputed product and sums the projection's bias
+    gradient on the way (one read of ``a`` in backward, not three); else eager ops. The
+    matmuls are the ones autograd would run for the two ``Linear`` layers, in ``x``'s dtype
+    (the caller casts under autocast), so the eager path's values and gradients are those of
+    the plain modules."""
 
     @staticmethod
-    def forward(ctx, a, weight, bias):
+    def forward(ctx, x, wp, bp, wo, bo):
+        a = F.linear(x, wp, bp)  # (..., 2I)
         kernels = _triton_for(a)
         prod = kernels.geglu(a) if kernels else None
         ctx.fused = prod is not None
         if prod is None:
             hid, gate = a.chunk(2, dim=-1)
             prod = hid * F.gelu(gate)
-        ctx.save_for_backward(a, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(prod, weight, bias)
+        ctx.save_for_backward(x, a, wp, wo)
+        ctx.biases = bp is not None, bo is not None
+        return F.linear(prod, wo, bo)
 
     @staticmethod
     def backward(ctx, grad):
-        a, weight = ctx.saved_tensors
+        x, a, wp, wo = ctx.saved_tensors
+        need_x, need_wp, need_bp, need_wo, need_bo = ctx.needs_input_grad
+        need_bp, need_bo = need_bp and ctx.biases[0], need_bo and ctx.biases[1]
         g2 = grad.reshape(-1, grad.shape[-1])  # (T, C)
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        gy = grad.matmul(weight)  # (..., I)
+        gbo = g2.sum(0) if need_bo else None
+        gy = grad.matmul(wo)  # (..., I)
+        i = gy.shape[-1]
         if ctx.fused:
             from hdvg.t2v import kernels
 
-            gw = None
-            if ctx.needs_input_grad[1]:  # the product recomputed: one read of a, one write
-                gw = g2.t().mm(kernels.geglu(a).reshape(g2.shape[0], -1))
-            return kernels.geglu_backward(a, gy), gw, gb
-        hid, gate = a.chunk(2, dim=-1)
-        gelu = F.gelu(gate)  # recomputed: (..., I)
-        gw = g2.t().mm((hid * gelu).reshape(-1, hid.shape[-1])) if ctx.needs_input_grad[1] else None
-        ga = torch.empty_like(a)
-        torch.mul(gy, gelu, out=ga[..., : hid.shape[-1]])
-        aten.gelu_backward.grad_input(gy * hid, gate, grad_input=ga[..., hid.shape[-1] :])
-        return ga, gw, gb
+            ga, prod, gbp = kernels.geglu_backward(a, gy, product=need_wo, bias=need_bp)
+            gbp = gbp.to(a.dtype) if need_bp else None  # summed in fp32 by the kernel
+        else:
+            hid, gate = a.chunk(2, dim=-1)
+            gelu = F.gelu(gate)  # recomputed: (..., I)
+            prod = hid * gelu if need_wo else None
+            ga = torch.empty_like(a)
+            torch.mul(gy, gelu, out=ga[..., :i])
+            aten.gelu_backward.grad_input(gy * hid, gate, grad_input=ga[..., i:])
+            gbp = ga.reshape(-1, 2 * i).sum(0) if need_bp else None
+        gwo = g2.t().mm(prod.reshape(-1, i)) if need_wo else None
+        ga2 = ga.reshape(-1, 2 * i)  # (T, 2I)
+        gwp = ga2.t().mm(x.reshape(-1, x.shape[-1])) if need_wp else None
+        gx = ga.matmul(wp) if need_x else None
+        return gx, gwp, gbp, gwo, gbo
 
 
 class GEGLU(nn.Module):
@@ -322,7 +336,7 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward (diffusers ``FeedForward``); see :class:`_GegluLinear` for memory."""
+    """GEGLU feed-forward (diffusers ``FeedForward``); see :class:`_GegluFeedForward`."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -331,14 +345,14 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.net[0].proj(x)  # (B, N, 2I)
-        out = self.net[2]
+        proj, out = self.net[0].proj, self.net[2]
         if torch.compiler.is_compiling():  # inductor fuses h * gelu(gate) and picks what to keep
-            h, gate = a.chunk(2, dim=-1)
+            h, gate = proj(x).chunk(2, dim=-1)
             return out(h * F.gelu(gate))  # (B, N, C)
-        dt = a.dtype
+        dt = compute_dtype(x)
+        w = [t.to(dt) for t in (proj.weight, proj.bias, out.weight, out.bias)]  # autocast's casts
         with torch.autocast(x.device.type, enabled=False):
-            return _GegluLinear.apply(a, out.weight.to(dt), out.bias.to(dt))  # (B, N, C)
+            return _GegluFeedForward.apply(x.to(dt), *w)  # (B, N, C)
 
 
 class TransformerBlock(nn.Module):

@@ -130,8 +130,13 @@ def test_layer_kernels_matches_aten(kernels):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-def test_geglu_kernel_matches_aten(kernels):
-    """``h * gelu(gate)`` and the gradient of its input, one kernel each (fp32 inside)."""
+@pytest.mark.parametrize("tile", [4096, 32], ids=["row_per_program", "rows_per_program"])
+def test_geglu_kernel_matches_aten(kernels, monkeypatch, tile):
+    """``h * gelu(gate)`` and the gradient of its input, one kernel each (fp32 inside); the
+    backward also writes the recomputed product and sums the bias gradient when asked: 15
+    rows in programs of one row each, or of 8 rows in tiles of one (the last program short)."""
+    monkeypatch.setattr(kernels, "TILE", tile)
+    monkeypatch.setattr(kernels, "ROW_PROGRAMS", 256 if tile == 4096 else 2)
     torch.manual_seed(0)
     a = torch.randn(3, 5, 2 * 24) * 2
     ref = a.clone().requires_grad_()
@@ -141,7 +146,13 @@ def test_geglu_kernel_matches_aten(kernels):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g = torch.randn(want.shape)
     want.backward(g)
-    torch.testing.assert_close(kernels.geglu_backward(a, g), ref.grad, rtol=1e-5, atol=1e-5)
+    grad_a, prod, grad_bias = kernels.geglu_backward(a, g)
+    torch.testing.assert_close(grad_a, ref.grad, rtol=1e-5, atol=1e-5)
+    assert prod is None and grad_bias is None
+    grad_a, prod, grad_bias = kernels.geglu_backward(a, g, product=True, bias=True)
+    torch.testing.assert_close(grad_a, ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prod, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_bias, ref.grad.sum((0, 1)), rtol=1e-5, atol=1e-5)
     # bf16 in and out, one rounding of the fp32 product (the interpreter truncates: an ulp)
     got = kernels.geglu(a.bfloat16())
     exact = a.bfloat16().float().chunk(2, -1)
@@ -214,15 +225,20 @@ def test_unet_with_triton_norms_matches_aten(kernels, monkeypatch, channels_last
             nhwc.append(y is not None and y.stride() == x.stride())
         return y
 
-    gegl = []
-    real_geglu = kernels.geglu
+    gegl = []  # GEGLU launches: ("fwd", ()) and ("bwd", (product, bias))
+    real_geglu, real_geglu_bwd = kernels.geglu, kernels.geglu_backward
 
     def spy_geglu(a):
-        gegl.append(a.shape)
+        gegl.append(("fwd", ()))
         return real_geglu(a)
+
+    def spy_geglu_bwd(a, g, product=False, bias=False):
+        gegl.append(("bwd", (product, bias)))
+        return real_geglu_bwd(a, g, product, bias)
 
     layers.use_kernels("triton")
     layers._triton_norm, kernels.geglu = spy, spy_geglu
+    monkeypatch.setattr(kernels, "geglu_backward", spy_geglu_bwd)
     try:
         got = model(x, 10, text)
         got.square().mean().backward()
@@ -235,7 +251,8 @@ def test_unet_with_triton_norms_matches_aten(kernels, monkeypatch, channels_last
     assert "group" in ran and "layer" in ran
     assert {p for _, p in parts} > {1}  # groups in one part and in several
     n_ff = sum(isinstance(m, FeedForward) for m in model.modules())
-    assert len(gegl) == 2 * n_ff > 0  # forward, and the product recomputed in backward
+    # forward, then one backward kernel that also recomputes the product and sums the bias
+    assert sorted(gegl) == [("bwd", (True, True))] * n_ff + [("fwd", ())] * n_ff and n_ff
     assert not declined  # the swap windows too (rows over six strided dims)
     assert (len(nhwc) > 0 and all(nhwc)) if channels_last else not nhwc  # NHWC in, NHWC out
 
@@ -268,7 +285,7 @@ def test_kernels_build_for_an_h100_without_spills():
         ("_gn_bwd", {"SILU": True, "BLOCK_C": 16, "BLOCK_S": 256, "BLOCK_K": 64}),
         ("_ln_fwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_ln_bwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
-        ("_geglu_bwd", {"BLOCK": 1024}),
+        ("_geglu_bwd", {"PRODUCT": True, "BIAS": True, "BLOCK_R": 4, "BLOCK": 1024}),
     ]
     code = (
         "import json, sys; from hdvg.t2v import kernels; "

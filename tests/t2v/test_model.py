@@ -294,7 +294,7 @@ def test_memory_lean_layers_match_plain_ops():
     (float64 gradcheck), and under bf16 autocast the same numbers as autocast's own path."""
     import torch.nn.functional as F
 
-    from hdvg.t2v.layers import _GegluLinear, group_norm, group_norm_silu, layer_norm
+    from hdvg.t2v.layers import _GegluFeedForward, group_norm, group_norm_silu, layer_norm
 
     torch.manual_seed(0)
     gn, ln = torch.nn.GroupNorm(4, 16).double(), torch.nn.LayerNorm(7).double()
@@ -304,9 +304,9 @@ def test_memory_lean_layers_match_plain_ops():
     for fn, norm in [(group_norm_silu, gn), (group_norm, gn), (layer_norm, ln)]:
         f = lambda x, *_, fn=fn, norm=norm: fn(norm, x)  # noqa: E731
         assert torch.autograd.gradcheck(f, (x, *norm.parameters()))
-    a = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_GegluLinear.apply, (a, w, torch.randn(4, dtype=w.dtype)))
+    ff = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 5, 3),
+          (12, 3), (12,), (4, 6), (4,))]  # x, proj weight and bias, out weight and bias  # fmt: skip
+    assert torch.autograd.gradcheck(_GegluFeedForward.apply, ff)
     gn, ln, xb = gn.float(), ln.float(), x.detach().bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(group_norm_silu(gn, xb), F.silu(gn(xb)))
