@@ -27,10 +27,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BENCH="python benchmarks/bench_t2v.py model --json $JSON --batch 4"
 
 # 1. gpu tests: bf16 equivalence with diffusers on the device, the fused Triton kernels against
-#    aten (test_kernels.py runs its cases on CUDA tensors there) (~40 s with Triton's compiles;
-#    the training run skips without ffmpeg)
-timeout 75 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -p no:cacheprovider \
-  2>&1 | tail -8 | tee "$OUT/t2v_gpu_tests.txt"
+#    aten (test_kernels.py runs its cases on CUDA tensors there: ~60 compiles of the kernels'
+#    test tile shapes; the training run skips without ffmpeg). The sm_90 build check is left
+#    out: it compiles with Triton's ptxas and gives the same answer on any host
+timeout 110 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -p no:cacheprovider \
+  -k "not build_for_an_h100" 2>&1 | tail -8 | tee "$OUT/t2v_gpu_tests.txt"
 
 # 2. A: eager NCHW, profiled (~35 s: start-up, FLOP count, cuDNN autotune in warm-up, 6+2 steps)
 timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
