@@ -2,7 +2,7 @@
 
     python benchmarks/bench_t2v.py model  [--batch 4 8 12 16] [--ckpt [layer|attention|block]]
         [--compile [full|regional|norms] [--compile-timeout 120]] [--channels-last]
-        [--kernels aten|triton]
+        [--kernels aten|triton] [--attention-backends temporal=math,...]
         [--baseline [--baseline-batch 8]] [--profile PREFIX] [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
 
@@ -17,6 +17,7 @@ batch. ``--compile``: the whole U-Net, ``regional``: each block apart (``unet.co
 the first (compiling) step is timed apart as ``compile_s`` and given up after
 ``--compile-timeout`` s. ``--channels-last``: NHWC weights and input (``unet.to_channels_last``).
 ``--kernels triton``: the norms in the fused Triton kernels (``t2v/kernels.py``).
+``--attention-backends``: SDPA backends per attention kind (``benchmarks/bench_attention.py``).
 ``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
 by kernel kind and the top kernels, ``PREFIX.<model>.txt`` the full table. Each row is written
 to ``--json`` as soon as it is measured. On a CPU it runs the tiny preset (a smoke run).
@@ -59,9 +60,14 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def parse_backends(spec: str | None) -> dict[str, str]:
+    """``temporal=math,swap=cudnn`` -> {"temporal": "math", "swap": "cudnn"}"""
+    return dict(item.split("=", 1) for item in (spec or "").split(",") if item)
+
+
 def bench_model(args, results: list[dict]) -> list[dict]:
     from hdvg.t2v.config import UNET_PRESETS, UNetConfig, from_dict
-    from hdvg.t2v.layers import use_kernels
+    from hdvg.t2v.layers import use_attention_backends, use_kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
@@ -84,6 +90,8 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         compiled = args.compile if kind == "hdvg" else None
         kernels = args.kernels if kind == "hdvg" else "aten"
         use_kernels(kernels)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
+        backends = parse_backends(args.attention_backends) if kind == "hdvg" else {}
+        use_attention_backends(backends)  # hdvg's Attention only
         flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
         fwd = model
         if compiled == "full":
@@ -99,7 +107,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
-            row |= {"kernels": kernels}
+            row |= {"kernels": kernels, "attention_backends": backends}
             row |= {"grad_checkpointing": args.ckpt if kind == "hdvg" else None}  # hdvg only
             row |= {"ckpt_levels": args.ckpt_levels if kind == "hdvg" else None}
             x, t, text = make_inputs(b, cfg, frames, lat, device, args)
@@ -428,6 +436,11 @@ def main() -> int:
     p.add_argument(
         "--kernels", default="aten", choices=["aten", "triton"],
         help="group / layer norms: eager aten ops or the fused Triton kernels (t2v/kernels.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--attention-backends", default=None, metavar="KIND=BACKEND,...",
+        help="SDPA backend per attention kind (train.attention_backends), e.g. temporal=math; "
+        "bench_attention.py prints the fastest",
     )  # fmt: skip
     p.add_argument("--baseline", action="store_true", help="also time diffusers' UNet3D")
     p.add_argument("--baseline-batch", type=int, nargs="+", default=[8])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call on a lent H100/H200 (< 8 min of command):
-#   1. benchmarks/gpu_t2v.sh (<= 300 s): t2v gpu tests (the fused Triton kernels on CUDA
-#      included) and the training step: eager aten, eager with --kernels triton (NCHW, then
+# Every GPU check of the project in one call on a lent H100/H200 (< 9 min of command):
+#   1. benchmarks/gpu_t2v.sh (<= 350 s): t2v gpu tests (the fused Triton kernels on CUDA
+#      included), the attention calls under each SDPA backend, and the training step: eager
+#      aten, eager with --kernels triton (+ the fastest attention backends; NCHW, then
 #      channels-last), then channels-last + compile as time allows, issue 7;
 #   2. benchmarks/gpu_caption.sh (<= 170 s): the caption stage behind the CPU frame pool
 #      against the direct model loop (BLIP-2 OPT-2.7B shape), issue 3.
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nproc
 python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__)"
 echo "== t2v ($SECONDS s)"
-BUDGET="${T2V_BUDGET:-300}" bash benchmarks/gpu_t2v.sh 2>&1 | tail -80
+BUDGET="${T2V_BUDGET:-350}" bash benchmarks/gpu_t2v.sh 2>&1 | tail -80
 echo "== captions ($SECONDS s)"
 BUDGET="${CAPTION_BUDGET:-170}" bash benchmarks/gpu_caption.sh 2>&1 | tail -60
 echo "== done (${SECONDS}s)"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# t2v GPU check, <= 300 s on one H100: gpu-marked tests, then the training step at the paper-like
-# size (16x256x256 -> latent 16x32x32, SD-2.x widths, bf16 autocast, AdamW), batch 4, three ways:
+# t2v GPU check, <= 350 s on one H100: gpu-marked tests, every attention call of the step under
+# each SDPA backend, then the training step at the paper-like size (16x256x256 -> latent
+# 16x32x32, SD-2.x widths, bf16 autocast, AdamW), batch 4:
 #   A. eager, NCHW (the baseline: 0.454 s/step, 14.2 % MFU last time), then the same with the
-#      norms and GEGLU in the fused Triton kernels (--kernels triton), then those kernels with
-#      channels-last (eager channels-last was slower only for CUDA's group norm copying NHWC to
-#      NCHW and back; the Triton norms read and write NHWC in place)
-#   B. (run last) channels-last (NHWC convs, temporal convs as (3,1) Conv2d) + only the norms
-#      compiled (fused norm+SiLU in NHWC; CUDA's eager group norm copies to NCHW and back)
-#   C. (run second) channels-last + regional torch.compile (each block compiled apart;
-#      compile_s reported)
+#      norms and GEGLU in the fused Triton kernels (--kernels triton), then that with each
+#      attention kind on its fastest backend (when one is not flash), then the Triton kernels
+#      with channels-last (eager channels-last was slower only for CUDA's group norm copying
+#      NHWC to NCHW and back; the Triton norms read and write NHWC in place), as time allows
+#   C. channels-last + regional torch.compile (each block compiled apart; compile_s reported)
+#   B. (last) channels-last + only the norms compiled
+#   (C and B only run when their compile budget is left: not at the default budget)
 # Each run also profiles 2 steps: GPU ms by kernel kind (conv/gemm/attention/norm/layout/...)
 # in the JSON, full kernel tables in $OUT/t2v_profile_<run>.hdvg.txt.
 # Every run has its own `timeout` and writes each row to $OUT/t2v_bench.json as it is measured,
@@ -18,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
-BUDGET="${BUDGET:-300}"  # seconds for the whole script
+BUDGET="${BUDGET:-350}"  # seconds for the whole script
 mkdir -p "$OUT"
 JSON="$OUT/t2v_bench.json"
 rm -f "$JSON"
@@ -33,22 +34,38 @@ BENCH="python benchmarks/bench_t2v.py model --json $JSON --batch 4"
 timeout 110 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -p no:cacheprovider \
   -k "not build_for_an_h100" 2>&1 | tail -8 | tee "$OUT/t2v_gpu_tests.txt"
 
-# 2. A: eager NCHW, profiled (~35 s: start-up, FLOP count, cuDNN autotune in warm-up, 6+2 steps)
+# 2. every attention call of the step under each SDPA backend (~30 s): per kind the fastest, as a
+#    --attention-backends value (empty when flash wins everywhere)
+timeout 45 python benchmarks/bench_attention.py --batch 4 --json "$OUT/t2v_attention.json" \
+  2>&1 | tail -3 || echo "attention bench failed or timed out: rc=$?"
+ATTN=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['attention_backends'])" \
+  "$OUT/t2v_attention.json" 2>/dev/null)
+echo "attention backends: ${ATTN:-flash everywhere}"
+
+# 3. A: eager NCHW, profiled (~35 s: start-up, FLOP count, cuDNN autotune in warm-up, 6+2 steps)
 timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
   || echo "eager bench failed or timed out: rc=$?"
 
-# 2b. A with the norms and GEGLU in the fused Triton kernels (train.kernels: triton), profiled:
-#     the same step with half the non-matmul bytes (t2v_traffic.py: 332.9 -> 164.5 GB)
+# 3b. A with the norms and GEGLU in the fused Triton kernels (train.kernels: triton), profiled:
+#     the same step with under half the non-matmul bytes (t2v_traffic.py: 332.9 -> 152.1 GB)
 timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --profile "$OUT/t2v_profile_triton" \
   || echo "triton-kernels bench failed or timed out: rc=$?"
 
-# 2c. channels-last + the Triton kernels, eager, profiled. t2v_traffic.py --channels-last: 178.2 GB
+# 3c. 3b with each attention kind on its fastest backend (step 2), when one is not flash
+if [ -n "$ATTN" ]; then
+  timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --attention-backends "$ATTN" \
+    --profile "$OUT/t2v_profile_triton_attn" || echo "triton + attention bench failed: rc=$?"
+fi
+
+# 3d. channels-last + the Triton kernels, eager, profiled. t2v_traffic.py --channels-last: 178.2 GB
 #     of non-matmul traffic (NCHW: 164.5), the difference copies cuDNN's backward would make of
 #     strided gradients; NCHW's own transposes inside cuDNN are not seen there: timed here
-timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --channels-last \
-  --profile "$OUT/t2v_profile_cl_triton" || echo "channels-last triton bench failed or timed out: rc=$?"
+if [ $((BUDGET - SECONDS)) -gt 60 ]; then
+  timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --channels-last \
+    --profile "$OUT/t2v_profile_cl_triton" || echo "channels-last triton bench failed: rc=$?"
+fi
 
-# 3. C: channels-last + regional compile, with all that is left but B's 90 s (34 graphs;
+# 4. C: channels-last + regional compile, with all that is left but B's 90 s (34 graphs;
 #    compile_s apart). Before B: the larger possible gain, and the one that needs the time.
 left=$((BUDGET - SECONDS - 90))
 if [ "$left" -gt 60 ]; then
@@ -59,7 +76,7 @@ else
   echo "skipping regional compile: ${left}s left of ${BUDGET}s"
 fi
 
-# 4. B: channels-last + compiled norms, profiled (~60 s: ~15-20 small graphs, one per norm
+# 5. B: channels-last + compiled norms, profiled (~60 s: ~15-20 small graphs, one per norm
 #    rank / channel count / layout, dynamic otherwise)
 left=$((BUDGET - SECONDS - 3))
 if [ "$left" -gt 80 ]; then  # less leaves no time to compile: the slot is not worth spending

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 aten = torch.ops.aten
 
@@ -222,6 +223,34 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return _apply_norm(x, norm.weight, norm.bias, spec, False)
 
 
+# attention calls by what they attend over: spatial self-attention (tokens of a frame), text
+# cross-attention, temporal self-attention (a pixel's frames), swap windows (frames x h x w)
+ATTENTION_KINDS = ("spatial", "cross", "temporal", "swap")
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_sdpa_backends: dict[str, list] = {}  # set by use_attention_backends
+
+
+def use_attention_backends(choice: dict[str, str] | None = None) -> None:
+    """Restrict the SDPA backends of each kind of attention call (:data:`ATTENTION_KINDS` ->
+    a name of :data:`SDPA_BACKENDS`, e.g. ``{"temporal": "math"}``); kinds not named keep
+    SDPA's own choice (flash where it applies). ``benchmarks/bench_attention.py`` times every
+    call of the U-Net under each backend and prints the fastest per kind. Process-wide,
+    like :func:`use_kernels`; ignored under torch.compile."""
+    choice = dict(choice or {})
+    for kind, name in choice.items():
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, not {kind!r}")
+        if name not in SDPA_BACKENDS:
+            raise ValueError(f"SDPA backend must be one of {tuple(SDPA_BACKENDS)}, not {name!r}")
+    _sdpa_backends.clear()
+    _sdpa_backends.update({kind: [SDPA_BACKENDS[name]] for kind, name in choice.items()})
+
+
 class Attention(nn.Module):
     """Multi-head attention through SDPA; ``cross=False`` is self-attention.
 
@@ -231,11 +260,18 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, cross=None
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        cross=None,
+        kind: str = "spatial",
     ):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.kind = kind  # one of ATTENTION_KINDS: which SDPA backends it may use
         self.cross = context_dim is not None if cross is None else cross
         if self.cross:
             self.to_q = nn.Linear(dim, inner, bias=False)
@@ -261,7 +297,12 @@ class Attention(nn.Module):
             k, v = _heads(self.to_kv(ctx), 2, h)
         else:
             q, k, v = _heads(self.to_qkv(x), 3, h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        backends = _sdpa_backends.get(self.kind)
+        if backends and not torch.compiler.is_compiling():
+            with sdpa_kernel(backends):
+                out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # (B, N, C)
 
 
@@ -362,12 +403,16 @@ class TransformerBlock(nn.Module):
     (``double_self_attention=True``) runs attn2 as self-attention too.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_dim: int | None, kind: str = "spatial"
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, kind=kind)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.attn2 = Attention(
+            dim, heads, head_dim, context_dim, kind="cross" if context_dim else kind
+        )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -416,7 +461,9 @@ class TemporalTransformer(nn.Module):
         inner = heads * head_dim
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads, head_dim, None, kind="temporal")]
+        )
         self.proj_out = nn.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:

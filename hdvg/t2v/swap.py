@@ -107,7 +107,7 @@ class SwapAttention(nn.Module):
         self.window = tuple(window)
         self.norm_q = nn.LayerNorm(channels)
         self.norm_kv = nn.LayerNorm(channels)
-        self.attn = Attention(channels, channels // head_dim, head_dim, cross=True)
+        self.attn = Attention(channels, channels // head_dim, head_dim, cross=True, kind="swap")
         # zero-init: a new block is the identity on the residual stream (ControlNet's trick)
         nn.init.zeros_(self.attn.to_out[0].weight)
         nn.init.zeros_(self.attn.to_out[0].bias)

@@ -37,7 +37,7 @@ import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, UNetConfig, from_dict
 from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
-from hdvg.t2v.layers import compile_norms, use_kernels
+from hdvg.t2v.layers import compile_norms, use_attention_backends, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.unet import SwapUNet, compile_regions
 from hdvg.t2v.vae import VideoVAE
@@ -322,6 +322,7 @@ def main(
         compile_regions(unet)
     compile_norms(tc.compile == "norms")  # process-wide: the norms of every U-Net
     use_kernels(tc.kernels)
+    use_attention_backends(tc.attention_backends)
     torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # process-wide too; no-op on the CPU
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

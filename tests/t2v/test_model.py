@@ -456,3 +456,61 @@ def test_compiled_norms_match_eager():
                 torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
     finally:
         compile_norms(False)
+
+
+def test_attention_backends_per_kind(monkeypatch):
+    """Every Attention knows its kind, and ``use_attention_backends`` restricts SDPA for the
+    calls of the kinds it names only: here the temporal ones to the math backend."""
+    import collections
+
+    import torch.nn.functional as F
+
+    from hdvg.t2v.layers import (
+        Attention,
+        SpatialTransformer,
+        TemporalTransformer,
+        use_attention_backends,
+    )
+
+    torch.manual_seed(0)
+    model = SwapUNet(tiny_cfg()).eval()
+    n = collections.Counter(type(m).__name__ for m in model.modules())
+    kinds = collections.Counter(m.kind for m in model.modules() if isinstance(m, Attention))
+    assert n[SpatialTransformer.__name__] and n[TemporalTransformer.__name__]
+    assert kinds == {
+        "spatial": n["SpatialTransformer"],
+        "cross": n["SpatialTransformer"],
+        "temporal": 2 * n["TemporalTransformer"],  # its attn2 is self-attention too
+        "swap": n["SwapAttention"],
+    }
+    x, t, text = torch.randn(1, 4, 2, 8, 8), torch.tensor([10]), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        want = model(x, t, text)
+    seen = []  # (kind, flash enabled, math enabled) per SDPA call, in order
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.register_forward_pre_hook(lambda m, *_: seen.append([m.kind]))
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen[-1] += [
+            torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled(),
+        ]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    use_attention_backends({"temporal": "math"})
+    try:
+        with torch.no_grad():
+            got = model(x, t, text)
+    finally:
+        use_attention_backends()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(seen) == sum(kinds.values())
+    for kind, flash, math in seen:
+        assert (flash, math) == ((False, True) if kind == "temporal" else (True, True)), kind
+    with pytest.raises(ValueError, match="SDPA backend"):
+        use_attention_backends({"temporal": "fast"})
+    with pytest.raises(ValueError, match="attention kind"):
+        use_attention_backends({"windows": "math"})

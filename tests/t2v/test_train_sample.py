@@ -83,9 +83,15 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(shard_root, tmp_path_factory) -> Path:
+    from hdvg.t2v import layers
+
     run = tmp_path_factory.mktemp("trained")
-    cfg = micro_cfg(steps=2, ckpt_every=2)
-    assert main(cfg, str(shard_root), run) == 0
+    cfg = micro_cfg(steps=2, ckpt_every=2, attention_backends={"temporal": "math"})
+    try:
+        assert main(cfg, str(shard_root), run) == 0
+        assert set(layers._sdpa_backends) == {"temporal"}  # the trainer applied the config
+    finally:
+        layers.use_attention_backends()
     return run
 
 
@@ -184,6 +190,11 @@ def test_shipped_configs_load():
     assert from_dict(T2VConfig, {"train": {"compile": "regional"}}).train.compile == "regional"
     with pytest.raises(ConfigError, match="train.compile must be"):
         from_dict(T2VConfig, {"train": {"compile": "fast"}})
+    backends = {"train": {"attention_backends": {"temporal": "math", "swap": "cudnn"}}}
+    assert from_dict(T2VConfig, backends).train.attention_backends["swap"] == "cudnn"
+    for bad in ({"temporal": "fast"}, {"frames": "math"}):
+        with pytest.raises(ConfigError, match="train.attention_backends"):
+            from_dict(T2VConfig, {"train": {"attention_backends": bad}})
 
 
 def test_text_encoders(tiny_clip_dir, tmp_path):
