@@ -14,12 +14,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
 BUDGET="${BUDGET:-540}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh "av, diffusers, webdataset"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 nproc
 left=$((BUDGET - SECONDS - 10))

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 JSON="$OUT/t2v_bench.json"
 rm -f "$JSON"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh "av, diffusers, webdataset"
 BENCH="python benchmarks/bench_t2v.py model --json $JSON --batch 4"
 
 # 1. gpu tests: bf16 equivalence with diffusers on the device, the fused Triton kernels against
