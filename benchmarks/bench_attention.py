@@ -6,14 +6,16 @@ Why: the H100 profile gives flash attention 9 % of the step's GPU time for 7 % o
 (4.65 of 63.76 TFLOP at batch 4), and the issue measured plain temporal attention over 16
 frames at ~4 TFLOP/s against ~294 on 1,024-token windows. Which calls are slow, and whether
 another backend (memory-efficient, cuDNN, or the plain math path: two batched matmuls and a
-softmax, which for 16 keys is a few MB) runs them faster, decides what ``Attention`` should
-call for each shape. One device check answers it in seconds.
+softmax, which for 16 keys is a few MB) or hdvg's own short-sequence Triton kernel (several
+frame sequences packed per tile, ``t2v/kernels.py``) runs them faster, decides what
+``Attention`` should call for each kind. One device check answers it in seconds.
 
 The calls are the U-Net's own: one forward of the paper-size model (SD-2.x widths, 16 frames,
 latent 32x32, 77 text tokens; on a CPU the tiny preset, as a smoke run) with SDPA recorded --
 shapes, strides (the strided q/k/v views of the fused projections) and how many per step.
 Each distinct call is then rebuilt with the same strides and timed forward + backward (bf16,
-CUDA events) under each backend that takes it. The JSON has, per call: count per step,
+CUDA events) under each backend that takes it (``triton``: on a GPU, or on a CPU under
+``TRITON_INTERPRET=1``). The JSON has, per call: count per step,
 milliseconds per call and TFLOP/s by backend; and per backend choice the step's attention
 milliseconds (each backend everywhere; each call's fastest; each kind's fastest), and that
 last choice as a ``train.attention_backends`` / ``bench_t2v.py --attention-backends`` value.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import platform
 import sys
@@ -36,7 +39,9 @@ from torch.nn.attention import sdpa_kernel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hdvg.t2v.layers import SDPA_BACKENDS as BACKENDS  # noqa: E402
+from hdvg.t2v import kernels  # noqa: E402
+from hdvg.t2v.layers import ATTENTION_BACKENDS as BACKENDS  # noqa: E402
+from hdvg.t2v.layers import SDPA_BACKENDS  # noqa: E402
 
 
 def record_calls(batch: int, device: torch.device) -> collections.Counter:
@@ -90,17 +95,26 @@ def flops(call) -> float:
     return 3.5 * 4 * b * h * nq * nk * d
 
 
-def time_call(call, backend, device: torch.device, iters: int) -> float | None:
+def time_call(call, backend: str, device: torch.device, iters: int) -> float | None:
     """Milliseconds per forward + backward, or None where the backend does not take it."""
     q, k, v = rebuild(call, device)
     grad = torch.randn(q.shape, device=device, dtype=q.dtype)
+    if backend == "triton":  # the short-sequence kernel: CUDA (or Triton's interpreter)
+        if device.type != "cuda" and not kernels.interpreting():
+            return None
+        if kernels.short_attention(q, k, v) is None:
+            return None
 
     def step():
-        out = F.scaled_dot_product_attention(q, k, v)
+        if backend == "triton":
+            out = kernels.short_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         torch.autograd.backward(out, grad)
 
     try:
-        with sdpa_kernel([backend]):
+        chosen = [SDPA_BACKENDS[backend]] if backend in SDPA_BACKENDS else None
+        with sdpa_kernel(chosen) if chosen else contextlib.nullcontext():
             for _ in range(2):
                 step()
             if device.type == "cuda":
@@ -131,7 +145,7 @@ def main(argv=None) -> int:
     rows = []
     for call, count in sorted(calls.items(), key=lambda kv: -flops(kv[0]) * kv[1]):
         (b, h, nq, d), (_, _, nk, _) = call[1][0], call[2][0]
-        ms = {name: time_call(call, be, device, args.iters) for name, be in BACKENDS.items()}
+        ms = {name: time_call(call, name, device, args.iters) for name in BACKENDS}
         taken = {k: v for k, v in ms.items() if v is not None}
         best = min(taken, key=taken.get) if taken else None
         rows.append({

@@ -157,8 +157,9 @@ class TrainConfig:
     # shapes are fixed: data.size, data.frames, batch_size); false: its heuristics, the same
     # algorithms every run (bit-reproducible GPU runs)
     cudnn_benchmark: bool = True
-    # SDPA backend per kind of attention call (spatial, cross, temporal, swap -> flash,
-    # efficient, cudnn or math), e.g. {temporal: math}; kinds not named keep SDPA's own pick.
+    # attention backend per kind of call (spatial, cross, temporal, swap -> flash, efficient,
+    # cudnn, math, or triton: t2v/kernels.py's short-sequence kernel, several frame sequences
+    # packed per tile), e.g. {temporal: triton}; kinds not named keep SDPA's own pick.
     # benchmarks/bench_attention.py times every call of the U-Net under each and prints the
     # fastest per kind. Ignored under compile
     attention_backends: dict[str, str] = field(default_factory=dict)
@@ -174,13 +175,13 @@ class TrainConfig:
             raise ConfigError("train.compile must be true, false, full, regional or norms")
         if self.kernels not in ("aten", "triton"):
             raise ConfigError("train.kernels must be aten or triton")
-        from hdvg.t2v.layers import ATTENTION_KINDS, SDPA_BACKENDS
+        from hdvg.t2v.layers import ATTENTION_BACKENDS, ATTENTION_KINDS
 
         for kind, name in self.attention_backends.items():
-            if kind not in ATTENTION_KINDS or name not in SDPA_BACKENDS:
+            if kind not in ATTENTION_KINDS or name not in ATTENTION_BACKENDS:
                 raise ConfigError(
                     f"train.attention_backends: {kind}: {name} -- kinds are "
-                    f"{', '.join(ATTENTION_KINDS)}; backends {', '.join(SDPA_BACKENDS)}"
+                    f"{', '.join(ATTENTION_KINDS)}; backends {', '.join(ATTENTION_BACKENDS)}"
                 )
 
 

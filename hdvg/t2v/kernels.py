@@ -125,7 +125,10 @@ TILE = 4096  # elements a program loads at a time (channels x spatial for group 
 # ~128 registers a thread in the sm_90 build (``python -m hdvg.t2v.kernels``: registers and
 # spill bytes per kernel from the cubin, no GPU needed). Untimed: tune on a GPU.
 WARPS = {"gn_stats": 8, "gn_fwd": 8, "gn_sums": 16, "gn_bwd": 16, "ln_fwd": 8, "ln_bwd": 16,
-         "geglu_bwd": 16}  # fmt: skip
+         "geglu_bwd": 16, "short_attn_fwd": 8, "short_attn_bwd": 8}  # fmt: skip
+# short attention: rows (packed sequences) per program, at least one sequence's; the fewest
+# wasted (block-diagonal) scores within ~96 registers at 8 warps on sm_90, no spills
+ATTN_ROWS = {"fwd": 64, "bwd": 32}
 # Group norms: at least this many programs (parts of groups) per launch -- ~8 per SM of an H100
 # -- and at most MAX_SPLIT parts a group (their partial sums are loaded in one tile). Untimed.
 GN_PROGRAMS = 1024
@@ -427,6 +430,71 @@ if triton is not None:
             tl.store(gb, sum_h, mask=cm)
             tl.store(gb + N, sum_g, mask=cm)
 
+    # --- attention over short sequences (temporal: a pixel's frames) ------------------------
+
+    @triton.jit
+    def _short_rows(s0, S, H, L, sn, sh, sl, LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+        """Offsets of this program's (R rows x D) tile -- R // LP sequences of LP rows each,
+        rows past a sequence's L or past the last sequence masked -- and the mask."""
+        r = tl.arange(0, R)
+        seq = s0 + r // LP
+        pos = r % LP
+        row = (seq // H) * sn + (seq % H) * sh + pos * sl
+        m = (seq < S) & (pos < L)
+        return row[:, None] + tl.arange(0, D)[None, :], m[:, None]
+
+    @triton.jit
+    def _short_probs(q, k, L, scale, LP: tl.constexpr, R: tl.constexpr):
+        """Softmax of ``q k^T * scale`` within each sequence (block-diagonal in the tile)."""
+        r = tl.arange(0, R)
+        same = ((r // LP)[:, None] == (r // LP)[None, :]) & ((r % LP) < L)[None, :]
+        x = tl.where(same, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        x = tl.exp(x - tl.max(x, axis=1)[:, None])
+        return x / tl.sum(x, axis=1)[:, None]
+
+    @triton.jit
+    def _short_attn_fwd(Q, K, V, OUT, S, H, L, scale,
+                        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
+                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr):  # fmt: skip
+        s0 = tl.program_id(0) * (R // LP)
+        qo, m = _short_rows(s0, S, H, L, sqn, sqh, sql, LP, R, D)
+        ko, _ = _short_rows(s0, S, H, L, skn, skh, skl, LP, R, D)
+        vo, _ = _short_rows(s0, S, H, L, svn, svh, svl, LP, R, D)
+        q = tl.load(Q + qo, mask=m, other=0.0)
+        k = tl.load(K + ko, mask=m, other=0.0)
+        p = _short_probs(q, k, L, scale, LP, R)
+        v = tl.load(V + vo, mask=m, other=0.0)
+        o = tl.dot(p.to(v.dtype), v)
+        oo, _ = _short_rows(s0, S, H, L, son, soh, sol, LP, R, D)
+        tl.store(OUT + oo, o.to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _short_attn_bwd(Q, K, V, DO, DQ, DK, DV, S, H, L, scale,
+                        sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sgn, sgh, sgl,
+                        sdn, sdh, sdl,
+                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr):  # fmt: skip
+        """Recomputes the tile's probabilities (no saved output or statistics: a sequence
+        lies whole in one tile); the gradients of q, k, v share one layout (``sd*``)."""
+        s0 = tl.program_id(0) * (R // LP)
+        qo, m = _short_rows(s0, S, H, L, sqn, sqh, sql, LP, R, D)
+        ko, _ = _short_rows(s0, S, H, L, skn, skh, skl, LP, R, D)
+        vo, _ = _short_rows(s0, S, H, L, svn, svh, svl, LP, R, D)
+        go, _ = _short_rows(s0, S, H, L, sgn, sgh, sgl, LP, R, D)
+        q = tl.load(Q + qo, mask=m, other=0.0)
+        k = tl.load(K + ko, mask=m, other=0.0)
+        v = tl.load(V + vo, mask=m, other=0.0)
+        do = tl.load(DO + go, mask=m, other=0.0)
+        p = _short_probs(q, k, L, scale, LP, R)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # sum(p * dp) = rowsum(do * o)
+        dq = tl.dot(ds.to(k.dtype), k)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q)
+        do_, _ = _short_rows(s0, S, H, L, sdn, sdh, sdl, LP, R, D)
+        tl.store(DQ + do_, dq.to(DQ.dtype.element_ty), mask=m)
+        tl.store(DK + do_, dk.to(DK.dtype.element_ty), mask=m)
+        tl.store(DV + do_, dv.to(DV.dtype.element_ty), mask=m)
+
 
 # --- autograd ---------------------------------------------------------------------------
 
@@ -523,6 +591,63 @@ class _LayerNorm(torch.autograd.Function):
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
 
 
+class _ShortAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        n, h, seq_len, d = q.shape
+        lp = max(16, _pow2(seq_len))
+        o = q.new_empty(n, seq_len, h, d).transpose(1, 2)  # (N, H, L, D): heads-last memory
+        seqs = n * h
+        rows = max(ATTN_ROWS["fwd"], lp)
+        _short_attn_fwd[(-(-seqs // (rows // lp)),)](
+            q, k, v, o, seqs, h, seq_len, d**-0.5, *_nhl(q), *_nhl(k), *_nhl(v), *_nhl(o),
+            LP=lp, R=rows, D=d, num_warps=WARPS["short_attn_fwd"],
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        n, h, seq_len, d = q.shape
+        lp = max(16, _pow2(seq_len))
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        # (N, L, H, D) in memory, as the output: the unbind's backward stacks them into the
+        # fused projection's gradient reading whole rows
+        dq, dk, dv = (q.new_empty(n, seq_len, h, d).transpose(1, 2) for _ in range(3))
+        seqs = n * h
+        rows = max(ATTN_ROWS["bwd"], lp)
+        _short_attn_bwd[(-(-seqs // (rows // lp)),)](
+            q, k, v, grad, dq, dk, dv, seqs, h, seq_len, d**-0.5,
+            *_nhl(q), *_nhl(k), *_nhl(v), *_nhl(grad), *_nhl(dq),
+            LP=lp, R=rows, D=d, num_warps=WARPS["short_attn_bwd"],
+        )  # fmt: skip
+        return dq, dk, dv
+
+
+def _nhl(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+SHORT_ATTENTION_MAX = 64  # longest sequence the short-attention kernel takes (rows per tile)
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Softmax attention of (N, H, L, D) ``q``, ``k``, ``v`` (self-attention: one length) for
+    short sequences -- a pixel's frames -- packing ``128 // L`` sequences into one tile so a
+    program reads each element once (flash pads every 16-frame sequence to a 128-row block).
+    Any strides with the head dim contiguous (the fused projection's views); the output is
+    laid out (N, L, H, D), so the heads merge by a view. None when the kernel does not take
+    the inputs (longer sequences, cross-attention, a head dim that is not a power of two)."""
+    n, h, seq_len, d = q.shape
+    if (k.shape != q.shape or v.shape != q.shape or seq_len > SHORT_ATTENTION_MAX
+            or d < 16 or d & (d - 1) or any(t.stride(-1) != 1 for t in (q, k, v))
+            or max(t.numel() for t in (q, k, v)) > INT32_MAX):  # fmt: skip
+        return None
+    return _ShortAttention.apply(q, k, v)
+
+
 def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, perm=None):
     """Fused group norm (+ SiLU) of ``x`` (N, C, *spatial), output in ``out_dtype`` laid out
     as ``x.permute(perm)`` contiguous (``x``'s own layout when ``perm`` is None); None when
@@ -608,9 +733,11 @@ def geglu_backward(a: torch.Tensor, grad_p: torch.Tensor, product: bool = False,
 
 _PTR_TYPES = {
     **dict.fromkeys(("X", "Y", "DY", "DX", "A", "P", "GP", "GA"), "*bf16"),
+    **dict.fromkeys(("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"), "*bf16"),
     **dict.fromkeys(("W", "B", "MEAN", "RSTD", "DW", "DB", "PART", "PDW", "PDB", "GB"), "*fp32"),
     "RD": "*i32",
     "eps": "fp32",
+    "scale": "fp32",
 }
 
 
@@ -635,6 +762,11 @@ def build_cases() -> list[tuple[str, dict]]:
             for name in ("_ln_fwd", "_ln_bwd"):
                 cases.add((name, (("ND", nd), ("BLOCK_M", bm), ("BLOCK_C", bc))))
     cases.add(("_geglu_fwd", (("BLOCK", 1024),)))
+    for name, rows in (
+        ("_short_attn_fwd", ATTN_ROWS["fwd"]),
+        ("_short_attn_bwd", ATTN_ROWS["bwd"]),
+    ):
+        cases.add((name, (("LP", 16), ("R", rows), ("D", 64))))  # 16 frames, head dim 64
     for product, bias in ((False, False), (True, True)):  # GEGLU widths 1280 to 5120: 1024
         consts = (("PRODUCT", product), ("BIAS", bias), ("BLOCK_R", TILE // 1024))
         cases.add(("_geglu_bwd", (*consts, ("BLOCK", 1024))))

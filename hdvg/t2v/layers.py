@@ -232,23 +232,44 @@ SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-_sdpa_backends: dict[str, list] = {}  # set by use_attention_backends
+# ... and "triton": hdvg.t2v.kernels.short_attention, several short sequences packed per tile
+# (a pixel's frames), SDPA's own choice for calls it does not take
+ATTENTION_BACKENDS = (*SDPA_BACKENDS, "triton")
+_sdpa_backends: dict[str, list | str] = {}  # set by use_attention_backends
 
 
 def use_attention_backends(choice: dict[str, str] | None = None) -> None:
-    """Restrict the SDPA backends of each kind of attention call (:data:`ATTENTION_KINDS` ->
-    a name of :data:`SDPA_BACKENDS`, e.g. ``{"temporal": "math"}``); kinds not named keep
-    SDPA's own choice (flash where it applies). ``benchmarks/bench_attention.py`` times every
-    call of the U-Net under each backend and prints the fastest per kind. Process-wide,
-    like :func:`use_kernels`; ignored under torch.compile."""
+    """The attention backend of each kind of call (:data:`ATTENTION_KINDS` -> a name of
+    :data:`ATTENTION_BACKENDS`, e.g. ``{"temporal": "triton"}``): an SDPA backend, or the
+    short-sequence Triton kernel (CUDA tensors; SDPA for calls it declines); kinds not named
+    keep SDPA's own choice (flash where it applies). ``benchmarks/bench_attention.py`` times
+    every call of the U-Net under each and prints the fastest per kind. Process-wide, like
+    :func:`use_kernels`; ignored under torch.compile."""
     choice = dict(choice or {})
     for kind, name in choice.items():
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, not {kind!r}")
-        if name not in SDPA_BACKENDS:
-            raise ValueError(f"SDPA backend must be one of {tuple(SDPA_BACKENDS)}, not {name!r}")
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, not {name!r}")
     _sdpa_backends.clear()
-    _sdpa_backends.update({kind: [SDPA_BACKENDS[name]] for kind, name in choice.items()})
+    for kind, name in choice.items():
+        _sdpa_backends[kind] = name if name == "triton" else [SDPA_BACKENDS[name]]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` on the backend chosen for ``kind``."""
+    choice = _sdpa_backends.get(kind)
+    if not choice or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v)
+    if choice == "triton":
+        from hdvg.t2v import kernels
+
+        out = None
+        if kernels.available() and (q.is_cuda or kernels.interpreting()):
+            out = kernels.short_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v) if out is None else out
+    with sdpa_kernel(choice):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Attention(nn.Module):
@@ -297,12 +318,7 @@ class Attention(nn.Module):
             k, v = _heads(self.to_kv(ctx), 2, h)
         else:
             q, k, v = _heads(self.to_qkv(x), 3, h)
-        backends = _sdpa_backends.get(self.kind)
-        if backends and not torch.compiler.is_compiling():
-            with sdpa_kernel(backends):
-                out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        out = attention(q, k, v, self.kind)  # (B, h, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # (B, N, C)
 
 

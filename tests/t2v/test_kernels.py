@@ -286,6 +286,8 @@ def test_kernels_build_for_an_h100_without_spills():
         ("_ln_fwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_ln_bwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_geglu_bwd", {"PRODUCT": True, "BIAS": True, "BLOCK_R": 4, "BLOCK": 1024}),
+        ("_short_attn_fwd", {"LP": 16, "R": 64, "D": 64}),
+        ("_short_attn_bwd", {"LP": 16, "R": 32, "D": 64}),
     ]
     code = (
         "import json, sys; from hdvg.t2v import kernels; "
@@ -299,3 +301,63 @@ def test_kernels_build_for_an_h100_without_spills():
     assert [r["kernel"] for r in rows] == [name for name, _ in cases]
     for r in rows:
         assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 128, r
+
+
+@pytest.mark.parametrize("frames,heads", [(16, 3), (5, 2), (40, 1)])
+def test_short_attention_matches_sdpa(kernels, frames, heads):
+    """Temporal self-attention over a pixel's frames, several sequences packed per tile: the
+    strided q/k/v views of a fused projection as the U-Net hands them (a partial last tile;
+    lengths padded to a power of two; one longer than a tile's rows), values and gradients
+    against SDPA; the output laid out so the heads merge by a view."""
+    from hdvg.t2v.layers import _heads
+
+    torch.manual_seed(0)
+    n, d = 7, 16
+    proj = torch.randn(n, frames, 3 * heads * d)
+    q, k, v = (t.requires_grad_() for t in _heads(proj.clone(), 3, heads))  # strided leaves
+    rq, rk, rv = (t.requires_grad_() for t in _heads(proj.clone(), 3, heads))
+    assert q.stride() == (frames * 3 * heads * d, d, 3 * heads * d, 1)
+    got = kernels.short_attention(q, k, v)
+    want = F.scaled_dot_product_attention(rq, rk, rv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.transpose(1, 2).is_contiguous()  # (N, L, H, D) in memory
+    g = torch.randn(want.shape)
+    for a, r in zip(_grads(got, g, [q, k, v]), _grads(want, g, [rq, rk, rv]), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    assert kernels.short_attention(q[:, :, :3], k, v) is None  # cross-attention lengths
+    long = torch.randn(1, 1, kernels.SHORT_ATTENTION_MAX + 1, d)
+    assert kernels.short_attention(long, long, long) is None
+
+
+def test_unet_with_short_attention_matches_sdpa(kernels, monkeypatch):
+    """``train.attention_backends: {temporal: triton}``: every temporal attention call of a
+    tiny U-Net runs the short-sequence kernel (and nothing else does); output and parameter
+    gradients equal SDPA's."""
+    from hdvg.t2v import layers
+    from hdvg.t2v.unet import SwapUNet
+    from tests.t2v.test_model import tiny_cfg
+
+    torch.manual_seed(0)
+    model = SwapUNet(tiny_cfg(temporal_conv_dropout=0.0)).train()
+    for m in model.modules():  # temporal attention's zero-initialized out-projections carry values
+        if isinstance(m, layers.TemporalTransformer):
+            torch.nn.init.normal_(m.proj_out.weight, std=0.1)
+    x, t, text = torch.randn(1, 4, 3, 4, 4), torch.tensor([10]), torch.randn(1, 3, 32)
+    want = model(x, t, text)
+    want.square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls = []
+    real = kernels.short_attention
+    monkeypatch.setattr(kernels, "short_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    layers.use_attention_backends({"temporal": "triton"})
+    try:
+        got = model(x, t, text)
+        got.square().mean().backward()
+    finally:
+        layers.use_attention_backends()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, p in zip(ref, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+    n_temporal = sum(isinstance(m, layers.TemporalTransformer) for m in model.modules())
+    assert len(calls) == 2 * n_temporal > 0 and all(s[2] == 3 for s in calls)  # 3 frames

@@ -510,7 +510,7 @@ def test_attention_backends_per_kind(monkeypatch):
     assert len(seen) == sum(kinds.values())
     for kind, flash, math in seen:
         assert (flash, math) == ((False, True) if kind == "temporal" else (True, True)), kind
-    with pytest.raises(ValueError, match="SDPA backend"):
+    with pytest.raises(ValueError, match="attention backend"):
         use_attention_backends({"temporal": "fast"})
     with pytest.raises(ValueError, match="attention kind"):
         use_attention_backends({"windows": "math"})
