@@ -591,39 +591,58 @@ class _LayerNorm(torch.autograd.Function):
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
 
 
+def _short_attn_launch(q, k, v, o=None, grad=None, dq=None, dk=None, dv=None) -> None:
+    """Forward (``o``) or backward (``grad`` -> ``dq``, ``dk``, ``dv``, one shared layout) of
+    the short-sequence kernel on (N, H, L, D) views."""
+    n, h, seq_len, d = q.shape
+    lp = max(16, _pow2(seq_len))
+    kind = "fwd" if grad is None else "bwd"
+    rows = max(ATTN_ROWS[kind], lp)  # at least one sequence per tile
+    grid = (-(-(n * h) // (rows // lp)),)
+    common = (n * h, h, seq_len, d**-0.5, *_nhl(q), *_nhl(k), *_nhl(v))
+    meta = {"LP": lp, "R": rows, "D": d, "num_warps": WARPS[f"short_attn_{kind}"]}
+    if grad is None:
+        _short_attn_fwd[grid](q, k, v, o, *common, *_nhl(o), **meta)
+    else:
+        _short_attn_bwd[grid](q, k, v, grad, dq, dk, dv, *common, *_nhl(grad), *_nhl(dq), **meta)
+
+
+def _qkv_views(proj: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """(N, H, L, D) views of a fused ``(N, L, 3*H*D)`` projection (``layers._heads``'s)."""
+    n, seq_len, width = proj.shape
+    split = proj.view(n, seq_len, 3, heads, width // (3 * heads))
+    return [split[:, :, i].transpose(1, 2) for i in range(3)]
+
+
 class _ShortAttention(torch.autograd.Function):
+    """Inputs ``(q, k, v)``, or ``(proj,)`` with ``heads``: the fused projection, whose
+    gradient the backward then writes in place of three (no stack of dq, dk, dv after)."""
+
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, heads, *inputs):
+        q, k, v = _qkv_views(inputs[0], heads) if len(inputs) == 1 else inputs
         n, h, seq_len, d = q.shape
-        lp = max(16, _pow2(seq_len))
         o = q.new_empty(n, seq_len, h, d).transpose(1, 2)  # (N, H, L, D): heads-last memory
-        seqs = n * h
-        rows = max(ATTN_ROWS["fwd"], lp)
-        _short_attn_fwd[(-(-seqs // (rows // lp)),)](
-            q, k, v, o, seqs, h, seq_len, d**-0.5, *_nhl(q), *_nhl(k), *_nhl(v), *_nhl(o),
-            LP=lp, R=rows, D=d, num_warps=WARPS["short_attn_fwd"],
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v)
+        _short_attn_launch(q, k, v, o=o)
+        ctx.save_for_backward(*inputs)
+        ctx.heads = heads
         return o
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
-        n, h, seq_len, d = q.shape
-        lp = max(16, _pow2(seq_len))
+        inputs = ctx.saved_tensors
+        packed = len(inputs) == 1
+        q, k, v = _qkv_views(inputs[0], ctx.heads) if packed else inputs
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        # (N, L, H, D) in memory, as the output: the unbind's backward stacks them into the
-        # fused projection's gradient reading whole rows
-        dq, dk, dv = (q.new_empty(n, seq_len, h, d).transpose(1, 2) for _ in range(3))
-        seqs = n * h
-        rows = max(ATTN_ROWS["bwd"], lp)
-        _short_attn_bwd[(-(-seqs // (rows // lp)),)](
-            q, k, v, grad, dq, dk, dv, seqs, h, seq_len, d**-0.5,
-            *_nhl(q), *_nhl(k), *_nhl(v), *_nhl(grad), *_nhl(dq),
-            LP=lp, R=rows, D=d, num_warps=WARPS["short_attn_bwd"],
-        )  # fmt: skip
-        return dq, dk, dv
+        if packed:  # the projection's gradient, written by the kernel through its views
+            dproj = torch.empty_like(inputs[0])
+            dq, dk, dv = _qkv_views(dproj, ctx.heads)
+        else:  # (N, L, H, D) in memory, as the output
+            n, h, seq_len, d = q.shape
+            dq, dk, dv = (q.new_empty(n, seq_len, h, d).transpose(1, 2) for _ in range(3))
+        _short_attn_launch(q, k, v, grad=grad, dq=dq, dk=dk, dv=dv)
+        return (None, dproj) if packed else (None, dq, dk, dv)
 
 
 def _nhl(t: torch.Tensor) -> tuple[int, int, int]:
@@ -635,17 +654,36 @@ SHORT_ATTENTION_MAX = 64  # longest sequence the short-attention kernel takes (r
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Softmax attention of (N, H, L, D) ``q``, ``k``, ``v`` (self-attention: one length) for
-    short sequences -- a pixel's frames -- packing ``128 // L`` sequences into one tile so a
+    short sequences -- a pixel's frames -- packing ``64 // L`` sequences into one tile so a
     program reads each element once (flash pads every 16-frame sequence to a 128-row block).
-    Any strides with the head dim contiguous (the fused projection's views); the output is
-    laid out (N, L, H, D), so the heads merge by a view. None when the kernel does not take
-    the inputs (longer sequences, cross-attention, a head dim that is not a power of two)."""
-    n, h, seq_len, d = q.shape
-    if (k.shape != q.shape or v.shape != q.shape or seq_len > SHORT_ATTENTION_MAX
-            or d < 16 or d & (d - 1) or any(t.stride(-1) != 1 for t in (q, k, v))
-            or max(t.numel() for t in (q, k, v)) > INT32_MAX):  # fmt: skip
+    Any strides with the head dim contiguous; the output is laid out (N, L, H, D), so the
+    heads merge by a view. None when the kernel does not take the inputs (longer sequences,
+    cross-attention, a head dim that is not a power of two >= 16)."""
+    if k.shape != q.shape or v.shape != q.shape or not _short_ok(q, k, v):
         return None
-    return _ShortAttention.apply(q, k, v)
+    return _ShortAttention.apply(None, q, k, v)
+
+
+def short_self_attention(proj: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """:func:`short_attention` of the q, k, v in a fused ``(N, L, 3*H*D)`` projection (a
+    contiguous ``to_qkv`` output), whose gradient it writes directly (no stack of three)."""
+    if proj.dim() != 3 or not proj.is_contiguous() or proj.shape[-1] % (3 * heads):
+        return None
+    if not _short_ok(*_qkv_views(proj, heads)):
+        return None
+    return _ShortAttention.apply(heads, proj)
+
+
+def _short_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (q.shape[2] <= SHORT_ATTENTION_MAX and d >= 16 and not d & (d - 1)
+            and all(t.stride(-1) == 1 for t in (q, k, v))
+            and max(_span(t) for t in (q, k, v)) <= INT32_MAX)  # fmt: skip
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to its last, as its strides reach them."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
 
 
 def group_norm(x, weight, bias, groups: int, eps: float, silu: bool, out_dtype, perm=None):

@@ -257,19 +257,24 @@ def use_attention_backends(choice: dict[str, str] | None = None) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v)`` on the backend chosen for ``kind``."""
+    """``F.scaled_dot_product_attention(q, k, v)`` on the SDPA backend chosen for ``kind``."""
     choice = _sdpa_backends.get(kind)
-    if not choice or torch.compiler.is_compiling():
+    if not isinstance(choice, list) or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v)
-    if choice == "triton":
-        from hdvg.t2v import kernels
-
-        out = None
-        if kernels.available() and (q.is_cuda or kernels.interpreting()):
-            out = kernels.short_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v) if out is None else out
     with sdpa_kernel(choice):
         return F.scaled_dot_product_attention(q, k, v)
+
+
+def _short_attention(proj: torch.Tensor, heads: int, kind: str) -> torch.Tensor | None:
+    """The fused projection's self-attention by :func:`hdvg.t2v.kernels.short_self_attention`
+    when ``kind`` is set to ``"triton"`` and the kernel takes it, else None."""
+    if _sdpa_backends.get(kind) != "triton" or torch.compiler.is_compiling():
+        return None
+    from hdvg.t2v import kernels
+
+    if not kernels.available() or not (proj.is_cuda or kernels.interpreting()):
+        return None
+    return kernels.short_self_attention(proj, heads)
 
 
 class Attention(nn.Module):
@@ -316,9 +321,12 @@ class Attention(nn.Module):
             ctx = x if context is None else context
             q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=h)  # (B, h, N, d)
             k, v = _heads(self.to_kv(ctx), 2, h)
+            out = attention(q, k, v, self.kind)  # (B, h, N, d)
         else:
-            q, k, v = _heads(self.to_qkv(x), 3, h)
-        out = attention(q, k, v, self.kind)  # (B, h, N, d)
+            proj = self.to_qkv(x)  # (B, N, 3*h*d)
+            out = _short_attention(proj, h, self.kind)  # the Triton kernel, if chosen and taken
+            if out is None:
+                out = attention(*_heads(proj, 3, h), self.kind)  # (B, h, N, d)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # (B, N, C)
 
 

@@ -325,6 +325,14 @@ def test_short_attention_matches_sdpa(kernels, frames, heads):
     for a, r in zip(_grads(got, g, [q, k, v]), _grads(want, g, [rq, rk, rv]), strict=True):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
     assert kernels.short_attention(q[:, :, :3], k, v) is None  # cross-attention lengths
+    # the fused projection itself: the same values, its gradient written in place of three
+    pp = proj.clone().requires_grad_()
+    got = kernels.short_self_attention(pp, heads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.backward(g)
+    want_proj = torch.cat([t.transpose(1, 2).reshape(n, frames, heads * d) for t in
+                           (rq.grad, rk.grad, rv.grad)], -1)  # fmt: skip
+    torch.testing.assert_close(pp.grad, want_proj, rtol=1e-4, atol=1e-5)
     long = torch.randn(1, 1, kernels.SHORT_ATTENTION_MAX + 1, d)
     assert kernels.short_attention(long, long, long) is None
 
@@ -348,8 +356,8 @@ def test_unet_with_short_attention_matches_sdpa(kernels, monkeypatch):
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     calls = []
-    real = kernels.short_attention
-    monkeypatch.setattr(kernels, "short_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = kernels.short_self_attention
+    monkeypatch.setattr(kernels, "short_self_attention", lambda *a: calls.append(a) or real(*a))
     layers.use_attention_backends({"temporal": "triton"})
     try:
         got = model(x, t, text)
@@ -360,4 +368,4 @@ def test_unet_with_short_attention_matches_sdpa(kernels, monkeypatch):
     for a, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
     n_temporal = sum(isinstance(m, layers.TemporalTransformer) for m in model.modules())
-    assert len(calls) == 2 * n_temporal > 0 and all(s[2] == 3 for s in calls)  # 3 frames
+    assert len(calls) == 2 * n_temporal > 0 and all(p.shape[1] == 3 for p, _ in calls)  # 3 frames
