@@ -1,5 +1,5 @@
-"""Fused Triton kernels for the U-Net's group and layer norms (+ SiLU) and GEGLU, forward and
-backward.
+"""Fused Triton kernels for the U-Net's group and layer norms (+ SiLU), GEGLU and short
+(temporal) attention, forward and backward.
 
 Why: on the H100 the eager training step spends ~53 % of its GPU time in elementwise and copy
 kernels, and the norms move 57 % of those bytes (RESULTS.md, issue 7): CUDA autocast runs a
@@ -10,8 +10,17 @@ of autocast's fp32 norm up to summation order -- and the backward recomputes the
 value instead of keeping it. Bytes per element: group norm forward 3 reads + 1 write, backward
 2 x (input + gradient) + 1 write; layer norm (a row in one tile) 1 + 1 and 3 + 1. GEGLU
 (``h * gelu(gate)``, 19 passes of its width in eager forward + backward) is one read of the
-projection and one write each way. ``benchmarks/t2v_traffic.py --kernels triton`` counts the
-step's non-matmul bytes with them: 332.9 -> 164.5 GB at batch 4, paper size.
+projection and one write each way; its backward also writes the product recomputed for the
+out-projection's weight gradient and sums the projection's bias gradient.
+``benchmarks/t2v_traffic.py --kernels triton`` counts the step's non-matmul bytes with them:
+332.9 -> 152.1 GB at batch 4, paper size. A group norm's span is cut into parts so a launch
+has >= :data:`GN_PROGRAMS` programs (the temporal norms' groups are whole videos: one program
+each would leave most of a GPU idle), the parts' sums combined exactly.
+
+Short attention (``train.attention_backends: {temporal: triton}``): softmax attention over a
+pixel's frames with several sequences packed per tile (block-diagonal), where flash pads each
+16-frame sequence to a 128-row block; the backward recomputes the probabilities and writes the
+fused qkv projection's gradient directly.
 
 Layouts: a group norm's input, output and gradient are read and written through their
 strides (``(N, C, *spatial)`` with the spatial dims merged to at most two), so the
