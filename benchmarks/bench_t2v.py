@@ -90,9 +90,10 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         compiled = args.compile if kind == "hdvg" else None
         kernels = args.kernels if kind == "hdvg" else "aten"
         use_kernels(kernels)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
+        use_attention_backends()  # FLOPs counted on SDPA (the counter does not see Triton's)
+        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
         backends = parse_backends(args.attention_backends) if kind == "hdvg" else {}
         use_attention_backends(backends)  # hdvg's Attention only
-        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
         fwd = model
         if compiled == "full":
             fwd = torch.compile(model, backend=args.compile_backend)
