@@ -83,7 +83,7 @@ def rebuild(call, device: torch.device) -> list[torch.Tensor]:
     packed projections keep their strides: the span their storage needs is allocated)."""
     out = []
     for shape, stride in call[1:]:
-        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+        span = kernels.storage_span(torch.empty_strided(shape, stride, device="meta"))
         base = torch.randn(span, device=device, dtype=torch.bfloat16)
         out.append(base.as_strided(shape, stride).detach().requires_grad_())
     return out
@@ -99,15 +99,14 @@ def time_call(call, backend: str, device: torch.device, iters: int) -> float | N
     """Milliseconds per forward + backward, or None where the backend does not take it."""
     q, k, v = rebuild(call, device)
     grad = torch.randn(q.shape, device=device, dtype=q.dtype)
-    if backend == "triton":  # the short-sequence kernel: CUDA (or Triton's interpreter)
-        if device.type != "cuda" and not kernels.interpreting():
-            return None
-        if kernels.short_attention(q, k, v) is None:
-            return None
+    if backend == "triton" and device.type != "cuda" and not kernels.interpreting():
+        return None  # the short-sequence kernel: CUDA (or Triton's interpreter)
 
     def step():
         if backend == "triton":
             out = kernels.short_attention(q, k, v)
+            if out is None:
+                raise RuntimeError("short_attention does not take these inputs")
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         torch.autograd.backward(out, grad)

@@ -17,7 +17,7 @@ batch. ``--compile``: the whole U-Net, ``regional``: each block apart (``unet.co
 the first (compiling) step is timed apart as ``compile_s`` and given up after
 ``--compile-timeout`` s. ``--channels-last``: NHWC weights and input (``unet.to_channels_last``).
 ``--kernels triton``: the norms in the fused Triton kernels (``t2v/kernels.py``).
-``--attention-backends``: SDPA backends per attention kind (``benchmarks/bench_attention.py``).
+``--attention-backends``: the backend per attention kind (``benchmarks/bench_attention.py``).
 ``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
 by kernel kind and the top kernels, ``PREFIX.<model>.txt`` the full table. Each row is written
 to ``--json`` as soon as it is measured. On a CPU it runs the tiny preset (a smoke run).
@@ -440,7 +440,7 @@ def main() -> int:
     )  # fmt: skip
     p.add_argument(
         "--attention-backends", default=None, metavar="KIND=BACKEND,...",
-        help="SDPA backend per attention kind (train.attention_backends), e.g. temporal=math; "
+        help="attention backend per kind (train.attention_backends), e.g. temporal=triton; "
         "bench_attention.py prints the fastest",
     )  # fmt: skip
     p.add_argument("--baseline", action="store_true", help="also time diffusers' UNet3D")

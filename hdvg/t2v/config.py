@@ -175,14 +175,11 @@ class TrainConfig:
             raise ConfigError("train.compile must be true, false, full, regional or norms")
         if self.kernels not in ("aten", "triton"):
             raise ConfigError("train.kernels must be aten or triton")
-        from hdvg.t2v.layers import ATTENTION_BACKENDS, ATTENTION_KINDS
+        from hdvg.t2v.layers import attention_backends_error
 
-        for kind, name in self.attention_backends.items():
-            if kind not in ATTENTION_KINDS or name not in ATTENTION_BACKENDS:
-                raise ConfigError(
-                    f"train.attention_backends: {kind}: {name} -- kinds are "
-                    f"{', '.join(ATTENTION_KINDS)}; backends {', '.join(ATTENTION_BACKENDS)}"
-                )
+        error = attention_backends_error(self.attention_backends)
+        if error:
+            raise ConfigError(f"train.attention_backends: {error}")
 
 
 @dataclass

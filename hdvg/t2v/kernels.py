@@ -687,10 +687,10 @@ def _short_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     d = q.shape[-1]
     return (q.shape[2] <= SHORT_ATTENTION_MAX and d >= 16 and not d & (d - 1)
             and all(t.stride(-1) == 1 for t in (q, k, v))
-            and max(_span(t) for t in (q, k, v)) <= INT32_MAX)  # fmt: skip
+            and max(storage_span(t) for t in (q, k, v)) <= INT32_MAX)  # fmt: skip
 
 
-def _span(t: torch.Tensor) -> int:
+def storage_span(t: torch.Tensor) -> int:
     """Elements from a tensor's first to its last, as its strides reach them."""
     return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
 

@@ -235,7 +235,7 @@ SDPA_BACKENDS = {
 # ... and "triton": hdvg.t2v.kernels.short_attention, several short sequences packed per tile
 # (a pixel's frames), SDPA's own choice for calls it does not take
 ATTENTION_BACKENDS = (*SDPA_BACKENDS, "triton")
-_sdpa_backends: dict[str, list | str] = {}  # set by use_attention_backends
+_attention_backends: dict[str, list | str] = {}  # set by use_attention_backends
 
 
 def use_attention_backends(choice: dict[str, str] | None = None) -> None:
@@ -246,19 +246,27 @@ def use_attention_backends(choice: dict[str, str] | None = None) -> None:
     every call of the U-Net under each and prints the fastest per kind. Process-wide, like
     :func:`use_kernels`; ignored under torch.compile."""
     choice = dict(choice or {})
+    error = attention_backends_error(choice)
+    if error:
+        raise ValueError(error)
+    _attention_backends.clear()
+    for kind, name in choice.items():
+        _attention_backends[kind] = name if name == "triton" else [SDPA_BACKENDS[name]]
+
+
+def attention_backends_error(choice: dict[str, str]) -> str | None:
+    """What is wrong with a kind -> backend mapping (the first thing), or None."""
     for kind, name in choice.items():
         if kind not in ATTENTION_KINDS:
-            raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, not {kind!r}")
+            return f"attention kind must be one of {ATTENTION_KINDS}, not {kind!r}"
         if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, not {name!r}")
-    _sdpa_backends.clear()
-    for kind, name in choice.items():
-        _sdpa_backends[kind] = name if name == "triton" else [SDPA_BACKENDS[name]]
+            return f"attention backend must be one of {ATTENTION_BACKENDS}, not {name!r}"
+    return None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` on the SDPA backend chosen for ``kind``."""
-    choice = _sdpa_backends.get(kind)
+    choice = _attention_backends.get(kind)
     if not isinstance(choice, list) or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel(choice):
@@ -268,7 +276,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> t
 def _short_attention(proj: torch.Tensor, heads: int, kind: str) -> torch.Tensor | None:
     """The fused projection's self-attention by :func:`hdvg.t2v.kernels.short_self_attention`
     when ``kind`` is set to ``"triton"`` and the kernel takes it, else None."""
-    if _sdpa_backends.get(kind) != "triton" or torch.compiler.is_compiling():
+    if _attention_backends.get(kind) != "triton" or torch.compiler.is_compiling():
         return None
     from hdvg.t2v import kernels
 
@@ -297,7 +305,7 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.kind = kind  # one of ATTENTION_KINDS: which SDPA backends it may use
+        self.kind = kind  # one of ATTENTION_KINDS: which attention backend it uses
         self.cross = context_dim is not None if cross is None else cross
         if self.cross:
             self.to_q = nn.Linear(dim, inner, bias=False)

@@ -89,7 +89,7 @@ def trained(shard_root, tmp_path_factory) -> Path:
     cfg = micro_cfg(steps=2, ckpt_every=2, attention_backends={"temporal": "math"})
     try:
         assert main(cfg, str(shard_root), run) == 0
-        assert set(layers._sdpa_backends) == {"temporal"}  # the trainer applied the config
+        assert set(layers._attention_backends) == {"temporal"}  # the trainer applied the config
     finally:
         layers.use_attention_backends()
     return run
