@@ -161,7 +161,7 @@ class TrainConfig:
     # cudnn, math, or triton: t2v/kernels.py's short-sequence kernel, several frame sequences
     # packed per tile), e.g. {temporal: triton}; kinds not named keep SDPA's own pick.
     # benchmarks/bench_attention.py times every call of the U-Net under each and prints the
-    # fastest per kind. Ignored under compile
+    # fastest per kind. Under compile the SDPA names are ignored (inductor picks); triton holds
     attention_backends: dict[str, str] = field(default_factory=dict)
     # train only the new modules (swap attention) and keep the loaded base frozen
     train_only_new: bool = False

@@ -623,35 +623,94 @@ def _qkv_views(proj: torch.Tensor, heads: int) -> list[torch.Tensor]:
     return [split[:, :, i].transpose(1, 2) for i in range(3)]
 
 
-class _ShortAttention(torch.autograd.Function):
-    """Inputs ``(q, k, v)``, or ``(proj,)`` with ``heads``: the fused projection, whose
-    gradient the backward then writes in place of three (no stack of dq, dk, dv after)."""
+# The short-attention kernel as torch custom ops (forward and backward each one op, autograd
+# registered on the forward): opaque to torch.compile, so a compiled U-Net keeps the kernel for
+# the calls it takes (``train.attention_backends`` holds under ``train.compile``) with no graph
+# break; eager runs the same ops. The fake implementations give the real outputs' strides.
 
-    @staticmethod
-    def forward(ctx, heads, *inputs):
-        q, k, v = _qkv_views(inputs[0], heads) if len(inputs) == 1 else inputs
-        n, h, seq_len, d = q.shape
-        o = q.new_empty(n, seq_len, h, d).transpose(1, 2)  # (N, H, L, D): heads-last memory
-        _short_attn_launch(q, k, v, o=o)
-        ctx.save_for_backward(*inputs)
-        ctx.heads = heads
-        return o
 
-    @staticmethod
-    def backward(ctx, grad):
-        inputs = ctx.saved_tensors
-        packed = len(inputs) == 1
-        q, k, v = _qkv_views(inputs[0], ctx.heads) if packed else inputs
-        if grad.stride(-1) != 1:
-            grad = grad.contiguous()
-        if packed:  # the projection's gradient, written by the kernel through its views
-            dproj = torch.empty_like(inputs[0])
-            dq, dk, dv = _qkv_views(dproj, ctx.heads)
-        else:  # (N, L, H, D) in memory, as the output
-            n, h, seq_len, d = q.shape
-            dq, dk, dv = (q.new_empty(n, seq_len, h, d).transpose(1, 2) for _ in range(3))
-        _short_attn_launch(q, k, v, grad=grad, dq=dq, dk=dk, dv=dv)
-        return (None, dproj) if packed else (None, dq, dk, dv)
+def _heads_last(n: int, h: int, seq_len: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty (N, H, L, D) tensor laid out (N, L, H, D): the heads merge by a view."""
+    return like.new_empty(n, seq_len, h, d).transpose(1, 2)
+
+
+def _last_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("hdvg::short_attention", mutates_args=())
+def _short_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = (_last_dense(t) for t in (q, k, v))
+    o = _heads_last(*q.shape, like=q)
+    _short_attn_launch(q, k, v, o=o)
+    return o
+
+
+@torch.library.custom_op("hdvg::short_attention_backward", mutates_args=())
+def _short_attention_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, grad = (_last_dense(t) for t in (q, k, v, grad))
+    dq, dk, dv = (_heads_last(*q.shape, like=q) for _ in range(3))  # laid out as the output
+    _short_attn_launch(q, k, v, grad=grad, dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("hdvg::short_self_attention", mutates_args=())
+def _short_self_attention_op(proj: torch.Tensor, heads: int) -> torch.Tensor:
+    proj = proj.contiguous()
+    q, k, v = _qkv_views(proj, heads)
+    o = _heads_last(*q.shape, like=q)
+    _short_attn_launch(q, k, v, o=o)
+    return o
+
+
+@torch.library.custom_op("hdvg::short_self_attention_backward", mutates_args=())
+def _short_self_attention_bwd_op(
+    proj: torch.Tensor, grad: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """The fused projection's gradient, written by the kernel through its q, k, v views (no
+    stack of dq, dk, dv after)."""
+    proj = proj.contiguous()
+    dproj = torch.empty_like(proj)
+    dq, dk, dv = _qkv_views(dproj, heads)
+    _short_attn_launch(*_qkv_views(proj, heads), grad=_last_dense(grad), dq=dq, dk=dk, dv=dv)
+    return dproj
+
+
+@_short_attention_op.register_fake
+def _(q, k, v):
+    return _heads_last(*q.shape, like=q)
+
+
+@_short_attention_bwd_op.register_fake
+def _(q, k, v, grad):
+    return tuple(_heads_last(*q.shape, like=q) for _ in range(3))
+
+
+@_short_self_attention_op.register_fake
+def _(proj, heads):
+    return _heads_last(*_qkv_views(proj, heads)[0].shape, like=proj)
+
+
+@_short_self_attention_bwd_op.register_fake
+def _(proj, grad, heads):
+    return torch.empty_like(proj, memory_format=torch.contiguous_format)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    ctx.save_for_backward(*tensors)
+    ctx.heads = inputs[-1] if len(tensors) == 1 else None
+
+
+_short_attention_op.register_autograd(
+    lambda ctx, grad: _short_attention_bwd_op(*ctx.saved_tensors, grad), setup_context=_save_inputs
+)
+_short_self_attention_op.register_autograd(
+    lambda ctx, grad: (_short_self_attention_bwd_op(*ctx.saved_tensors, grad, ctx.heads), None),
+    setup_context=_save_inputs,
+)
 
 
 def _nhl(t: torch.Tensor) -> tuple[int, int, int]:
@@ -670,7 +729,7 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     cross-attention, a head dim that is not a power of two >= 16)."""
     if k.shape != q.shape or v.shape != q.shape or not _short_ok(q, k, v):
         return None
-    return _ShortAttention.apply(None, q, k, v)
+    return _short_attention_op(q, k, v)
 
 
 def short_self_attention(proj: torch.Tensor, heads: int) -> torch.Tensor | None:
@@ -680,7 +739,7 @@ def short_self_attention(proj: torch.Tensor, heads: int) -> torch.Tensor | None:
         return None
     if not _short_ok(*_qkv_views(proj, heads)):
         return None
-    return _ShortAttention.apply(heads, proj)
+    return _short_self_attention_op(proj, heads)
 
 
 def _short_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -244,7 +244,8 @@ def use_attention_backends(choice: dict[str, str] | None = None) -> None:
     short-sequence Triton kernel (CUDA tensors; SDPA for calls it declines); kinds not named
     keep SDPA's own choice (flash where it applies). ``benchmarks/bench_attention.py`` times
     every call of the U-Net under each and prints the fastest per kind. Process-wide, like
-    :func:`use_kernels`; ignored under torch.compile."""
+    :func:`use_kernels`. Under torch.compile the SDPA choices are ignored (inductor picks);
+    ``"triton"`` holds (the kernel is a custom op, opaque to the compiler)."""
     choice = dict(choice or {})
     error = attention_backends_error(choice)
     if error:
@@ -276,7 +277,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> t
 def _short_attention(proj: torch.Tensor, heads: int, kind: str) -> torch.Tensor | None:
     """The fused projection's self-attention by :func:`hdvg.t2v.kernels.short_self_attention`
     when ``kind`` is set to ``"triton"`` and the kernel takes it, else None."""
-    if _attention_backends.get(kind) != "triton" or torch.compiler.is_compiling():
+    if _attention_backends.get(kind) != "triton":  # custom ops: compiled models keep it too
         return None
     from hdvg.t2v import kernels
 

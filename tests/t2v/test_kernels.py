@@ -369,3 +369,61 @@ def test_unet_with_short_attention_matches_sdpa(kernels, monkeypatch):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
     n_temporal = sum(isinstance(m, layers.TemporalTransformer) for m in model.modules())
     assert len(calls) == 2 * n_temporal > 0 and all(p.shape[1] == 3 for p, _ in calls)  # 3 frames
+
+
+def test_short_attention_ops_pass_opcheck(kernels):
+    """The kernel's custom ops (what torch.compile sees): schema, fake tensors with the real
+    outputs' strides, autograd registration and AOT dispatch, on the strided views the U-Net
+    hands them."""
+    from hdvg.t2v.layers import _heads
+
+    torch.manual_seed(0)
+    heads, frames, d = 2, 5, 16
+    proj = torch.randn(3, frames, 3 * heads * d, requires_grad=True)
+    q, k, v = (t.detach().requires_grad_() for t in _heads(proj.detach().clone(), 3, heads))
+    g = torch.randn(3, heads, frames, d)
+    ops = torch.ops.hdvg
+    for op, args in [
+        (ops.short_self_attention.default, (proj, heads)),
+        (ops.short_attention.default, (q, k, v)),
+        (ops.short_self_attention_backward.default, (proj.detach(), g, heads)),
+        (ops.short_attention_backward.default, (q.detach(), k.detach(), v.detach(), g)),
+    ]:
+        torch.library.opcheck(op, args)  # raises on the first failed check
+
+
+def test_compiled_temporal_attention_keeps_the_kernel(kernels):
+    """``train.compile`` with ``attention_backends: {temporal: triton}``: inductor compiles a
+    temporal transformer in one graph (no break) with the kernel's forward and backward ops in
+    its code, and gives eager SDPA's output and gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hdvg.t2v import layers
+
+    torch.manual_seed(0)
+    m = layers.TemporalTransformer(32, 2, 16, 4)
+    torch.nn.init.normal_(m.proj_out.weight, std=0.1)  # zero-initialized: give it values
+    x = torch.randn(2 * 5, 32, 3, 4)
+
+    def step(fn):
+        xx = x.clone().requires_grad_()
+        out = fn(xx, 5)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in m.parameters()] + [xx.grad]
+        m.zero_grad()
+        return out.detach(), grads
+
+    want = step(m)
+    layers.use_attention_backends({"temporal": "triton"})
+    try:
+        torch._dynamo.reset()
+        got, code = run_and_get_code(step, torch.compile(m, fullgraph=True))
+    finally:
+        layers.use_attention_backends()
+        torch._dynamo.reset()
+    code = "\n".join(code)
+    assert "hdvg.short_self_attention.default" in code
+    assert "hdvg.short_self_attention_backward.default" in code
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
