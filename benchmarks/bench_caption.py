@@ -87,9 +87,10 @@ def _pool_init(cfg, data: bytes, per_source: int, shm: str) -> None:
     _W.update(data=data, per_source=per_source, shm=shm)
 
 
-def _pool_task(i: int, cfg) -> tuple[str, float, int]:
+def _pool_task(i: int, cfg) -> tuple[str, float, int, list[int]]:
     """One source through the frame pool: its row made here (the source stage's output),
-    `frame_pool_row`, the result left in shared memory. (path, seconds, clips)."""
+    `frame_pool_row`, the result left in shared memory. (path, seconds, clips, the CPUs this
+    worker keeps off for the GPU actor: `models.actor_cores`)."""
     (r,) = make_results(_W["data"], _W["per_source"], _W["per_source"], first=i, copy=True)
     row = {"order": i, "result": pickle.dumps(r)}
     t0 = time.perf_counter()
@@ -98,7 +99,7 @@ def _pool_task(i: int, cfg) -> tuple[str, float, int]:
     path = f"{_W['shm']}/{i}-{os.getpid()}-{time.monotonic_ns()}"
     for col in COLUMNS:  # a block's columns, side by side in shared memory
         Path(f"{path}.{col}").write_bytes(out[col])
-    return path, dt, len(r.clips)
+    return path, dt, len(r.clips), sorted(pipeline.keep_cores(cfg))
 
 
 COLUMNS = ("result", "clip_data")
@@ -137,8 +138,10 @@ class PoolBench:
         self.pool_s: list[float] = []
         self.row_bytes: list[int] = []
         self.next = 0
-        for path, _, _ in self.pool.map(self.task, range(2 * workers), chunksize=1):
+        self.kept: set[int] = set()
+        for path, _, _, kept in self.pool.map(self.task, range(2 * workers), chunksize=1):
             _fetch(path)  # workers up and warm
+            self.kept.update(kept)
 
     def sources(self, n_clips: int) -> range:
         n = -(-n_clips // self.per_source)
@@ -149,7 +152,7 @@ class PoolBench:
         """Clips/s the pool alone supplies (results fetched and thrown away)."""
         t0 = time.perf_counter()
         n = 0
-        for path, _, k in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
+        for path, _, k, _ in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
             _fetch(path)
             n += k
         return n / (time.perf_counter() - t0)
@@ -171,7 +174,7 @@ class PoolBench:
                 done.extend(dict(zip(COLUMNS, r, strict=True))
                             for r in zip(*(out[c] for c in COLUMNS), strict=True))  # fmt: skip
 
-            for path, dt, k in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
+            for path, dt, k, _ in self.pool.imap(self.task, self.sources(n_clips), chunksize=1):
                 row = _fetch(path)
                 self.pool_s.append(dt / k)
                 self.row_bytes.append((len(row["result"]) / k, len(row["clip_data"]) / k))
@@ -238,6 +241,7 @@ def _pool_result(pb, actor, st, dt, done, workers, calls, pool_only) -> dict:
             "s_per_clip": round(per_clip, 4),  # frame_pool_row: unpickle, decode, resize, pickle
             "frames_s_per_clip": round(frames_s, 4),  # of which decode + prepare
             "capacity_clips_per_s": round(workers / per_clip, 1),
+            "cpus_kept_off": sorted(pb.kept),  # for the actor (models.actor_cores)
             "alone_clips_per_s": round(pool_only, 1),  # measured, no actor
             # what the actor unpickles, and the mp4 bytes it passes on untouched
             "row_mb_per_clip": round(row_mb, 3),
@@ -280,7 +284,8 @@ def main() -> int:
                     help="frame-pool processes; a list runs the pool pipeline once per value")  # fmt: skip
     ap.add_argument("--actor-calls", default="2", help="models.actor_calls; a list: each")
     ap.add_argument("--pool-runs", default=None,
-                    help="instead of the two above: WORKERSxCALLS,... e.g. 14x1,14x2,15x2")  # fmt: skip
+                    help="instead of the two above: WORKERSxCALLS[:rCORES],... e.g. 14x1,14x2,"
+                         "14x1:r0 (rCORES: models.actor_cores for that pool)")  # fmt: skip
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                     help="caption.cache, for the direct loop and the stage alike")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the JSON result here too")
@@ -334,7 +339,6 @@ def main() -> int:
 
     st.cfg.batch_size = best_b
     params["batch_size"] = best_b
-    cfg = from_dict({"clip_stages": {"caption": params}, "models": {"device": device}})
     per_source = 4
     pipe: dict[str, float] = {}
     if a.pipeline in ("inproc", "both"):
@@ -359,19 +363,24 @@ def main() -> int:
             os.nice(max(0, 15 - os.nice(0)))
         except OSError:
             pass
-        runs: dict[int, list[int]] = {}  # workers -> actor calls, in the order given
+        # (workers, models.actor_cores or None: the recipe's default) -> actor calls, in order
+        runs: dict[tuple[int, int | None], list[int]] = {}
         if a.pool_runs:
-            for wc in a.pool_runs.split(","):
+            for run in a.pool_runs.split(","):
+                wc, _, cores = run.partition(":r")
                 w, c = (int(v) for v in wc.split("x"))
-                runs.setdefault(w, []).append(c)
+                runs.setdefault((w, int(cores) if cores else None), []).append(c)
         else:
             for w in a.frame_workers.split(","):
-                runs[int(w)] = [int(c) for c in a.actor_calls.split(",")]
-        for w, calls in runs.items():
-            for r in run_pool(cfg, st, data, a.clips, w, max(1, best_b // per_source), calls,
-                              per_source):  # fmt: skip
+                runs[int(w), None] = [int(c) for c in a.actor_calls.split(",")]
+        for (w, cores), calls in runs.items():
+            models = {"device": device} | ({} if cores is None else {"actor_cores": cores})
+            pool_cfg = from_dict({"clip_stages": {"caption": params}, "models": models})
+            for r in run_pool(pool_cfg, st, data, a.clips, w, max(1, best_b // per_source),
+                              calls, per_source):  # fmt: skip
+                r["actor_cores"] = pool_cfg.models.actor_cores
                 pools.append(r)
-                key = f"pool{w}x{r['actor_calls']}"
+                key = f"pool{w}x{r['actor_calls']}" + ("" if cores is None else f"r{cores}")
                 pipe[key] = r["captions_per_s"]
                 pipe[key + "_steady"] = r["steady_captions_per_s"]
                 report(a, direct, best_b, pipe, pools)

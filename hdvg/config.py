@@ -128,6 +128,11 @@ class ModelsConfig:
     # not queue behind decoders for a core. Ray starts every worker, actors included, at 15
     # (RAY_worker_niceness), so 19 puts the actors first; 0: leave priorities alone
     cpu_nice: int = 19
+    # physical cores (with their SMT siblings) per GPU of a node that its CPU workers keep off
+    # when the recipe has model stages on GPUs: niceness shares a core, it does not free one,
+    # and a decoder on the other hardware thread of the actor's core slows it at any priority
+    # (pipeline.keep_cores); never more than half a worker's cores; 0: workers use every core
+    actor_cores: int = 1
     allow_download: bool = False  # fetch weights from a hub at run time
     cache_dir: str | None = None  # HF cache; default: $HF_HOME
 
@@ -136,6 +141,8 @@ class ModelsConfig:
             raise ConfigError(f"models.device must be auto, cpu or cuda, got {self.device!r}")
         if self.actor_calls < 1:
             raise ConfigError(f"models.actor_calls must be >= 1, got {self.actor_calls}")
+        if self.actor_cores < 0:
+            raise ConfigError(f"models.actor_cores must be >= 0, got {self.actor_cores}")
         if not 0 <= self.cpu_nice <= 19:
             raise ConfigError(f"models.cpu_nice must be within 0..19, got {self.cpu_nice}")
 

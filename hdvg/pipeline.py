@@ -267,20 +267,96 @@ def frame_pool_row(row: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def yield_cpu(cfg: PipelineConfig) -> None:
-    """Lower this CPU worker's priority to `models.cpu_nice` when the recipe has model stages.
+    """Make this CPU worker (source stage, frame pool) give way to the GPU model actors, when
+    the recipe has model stages: lower its priority to `models.cpu_nice`, and on a node with
+    GPUs keep it off `models.actor_cores` physical cores per GPU (:func:`keep_cores`).
 
     On an H100, BLIP-2's generate for 128 clips took 0.62 s alone but 0.96 s beside 14 busy
     frame-pool processes on 16 cores: the GPU actor's thread launches thousands of small
     kernels per call and waited for a core. Niced decoders still use every idle cycle, but
-    the actor (left at Ray's worker niceness, 15) wins a core when it wants one. Once per
-    worker process (niceness only ever goes up; the ffmpeg children it starts inherit it)."""
+    the actor (left at Ray's worker niceness, 15) wins a core when it wants one -- 0.80 s --
+    though niceness only weighs the shares of a core (nice 15 against 19 is ~70 / 30), and a
+    decoder on the other hardware thread of the actor's core slows it whatever its priority.
+    Once per worker process (the ffmpeg children it starts inherit both)."""
     want = cfg.models.cpu_nice
-    if not want or not model_stages(cfg):
+    if not model_stages(cfg):
         return
+    if want:
+        try:
+            os.nice(max(0, want - os.nice(0)))
+        except OSError:  # not permitted here: run at the priority we have
+            pass
+    keep_cores(cfg)
+
+
+_KEPT: set[int] | None = None  # the CPUs this process keeps off, once set
+
+
+SYSFS = "/sys/devices/system/cpu"  # where the CPUs' topology is read
+
+
+def keep_cores(cfg: PipelineConfig) -> set[int]:
+    """Keep this process off `models.actor_cores` physical cores (with their SMT siblings) per
+    GPU of the node, the highest-numbered ones, when the model actors run on GPUs: the
+    actors' launch threads then always find a free core. Never more than half the cores this
+    process may use. Returns the CPUs kept off (empty: nothing changed); once per process."""
+    global _KEPT
+    if _KEPT is not None:
+        return _KEPT
+    _KEPT = set()
+    if cfg.models.actor_cores <= 0 or cfg.models.device == "cpu":
+        return _KEPT
+    gpus = node_gpus()
+    if gpus <= 0:
+        return _KEPT
+    allowed = os.sched_getaffinity(0)
+    cores = physical_cores(allowed, SYSFS)
+    n = min(cfg.models.actor_cores * gpus, len(cores) // 2)
+    kept = set().union(*cores[len(cores) - n :]) if n else set()
+    if kept:
+        try:
+            os.sched_setaffinity(0, allowed - kept)
+            _KEPT = kept
+        except OSError:
+            pass
+    return _KEPT
+
+
+def node_gpus() -> int:
+    """NVIDIA GPUs on this node, from the driver's device files: a CPU worker has no CUDA
+    context to ask, and Ray hides every GPU from it (CUDA_VISIBLE_DEVICES is empty)."""
     try:
-        os.nice(max(0, want - os.nice(0)))
-    except OSError:  # not permitted here: run at the priority we have
-        pass
+        procfs = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        procfs = 0
+    try:
+        devs = sum(1 for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit())
+    except OSError:
+        devs = 0
+    return max(procfs, devs)
+
+
+def physical_cores(cpus: set[int], sysfs: str = SYSFS) -> list[frozenset]:
+    """`cpus` grouped by physical core (hardware threads of one core together), in CPU order;
+    a CPU whose topology cannot be read is a core of its own."""
+    cores: dict[frozenset, None] = {}
+    for c in sorted(cpus):
+        try:
+            text = Path(f"{sysfs}/cpu{c}/topology/thread_siblings_list").read_text()
+            siblings = _cpu_list(text) & cpus
+        except (OSError, ValueError):
+            siblings = set()
+        cores.setdefault(frozenset(siblings or {c}), None)
+    return list(cores)
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8} (the kernel's CPU list format)."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def result_of(row: dict[str, Any]) -> SourceResult:

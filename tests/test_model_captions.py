@@ -178,6 +178,83 @@ def test_cpu_workers_yield_to_model_actors(tiny):
     assert after == before
 
 
+def _fake_topology(root, siblings: dict[int, str]) -> str:
+    for cpu, text in siblings.items():
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(text + "\n")
+    return str(root)
+
+
+def test_physical_cores_group_hardware_threads(tmp_path):
+    """SMT siblings form one core (the kernel's list format, ranges and commas); a CPU with no
+    readable topology is a core of its own; only the CPUs asked about count."""
+    from hdvg.pipeline import physical_cores
+
+    # 4 cores x 2 threads, numbered as Linux does on x86: cpu i and i + 4 share a core
+    sysfs = _fake_topology(tmp_path / "smt", {i: f"{i % 4},{i % 4 + 4}" for i in range(8)})
+    cores = physical_cores(set(range(8)), sysfs)
+    assert cores == [frozenset({0, 4}), frozenset({1, 5}), frozenset({2, 6}), frozenset({3, 7})]
+    assert physical_cores({1, 2, 5}, sysfs) == [frozenset({1, 5}), frozenset({2})]
+    sysfs = _fake_topology(tmp_path / "ranges", {0: "0-1", 1: "0-1"})
+    assert physical_cores({0, 1, 2}, sysfs) == [frozenset({0, 1}), frozenset({2})]
+
+
+def test_cpu_workers_keep_cores_free_for_gpu_actors(tiny, tmp_path):
+    """On a node with GPUs the CPU workers of a recipe with model stages keep off
+    `models.actor_cores` physical cores per GPU (both hardware threads of each, the last ones),
+    never more than half their cores; nothing changes without GPUs, with `actor_cores: 0`,
+    on `models.device: cpu`, or without model stages. Each case in a forked child: its
+    affinity, not this process's."""
+    import multiprocessing as mp
+
+    from hdvg import pipeline
+
+    def child(raw, gpus, sysfs, q):
+        pipeline.node_gpus, pipeline.SYSFS = (lambda: gpus), sysfs  # the node, as the child sees it
+        pipeline._KEPT = None  # a fresh worker process
+        before = os.sched_getaffinity(0)
+        pipeline.yield_cpu(from_dict(raw))  # a source / frame-pool worker's first row
+        pipeline.yield_cpu(from_dict(raw))  # once per process: no second cut
+        q.put((before, pipeline._KEPT or set(), os.sched_getaffinity(0)))
+
+    def run(raw, gpus, sysfs):
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(raw, gpus, sysfs, q))
+        p.start()
+        p.join(30)
+        return q.get(timeout=5)
+
+    captions = {"clip_stages": {"caption": {"path": tiny["blip2"]}}}
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    # one thread per core (this VM's topology, as the kernel reports it)
+    flat = _fake_topology(tmp_path / "flat", {c: str(c) for c in allowed})
+    before, kept, after = run(captions, 1, flat)
+    assert kept == {allowed[-1]} and after == before - kept
+    # two hardware threads per core: the last core's pair, or nothing when that is over half
+    pairs = {
+        c: ",".join(map(str, allowed[i - i % 2 : i - i % 2 + 2])) for i, c in enumerate(allowed)
+    }
+    smt = _fake_topology(tmp_path / "smt", pairs)
+    before, kept, after = run(captions, 1, smt)
+    n_cores = len(pipeline.physical_cores(set(allowed), smt))
+    if n_cores >= 2:
+        assert kept == set(allowed[-2:]) and after == before - kept
+    else:
+        assert kept == set() and after == before
+    for raw, gpus in [
+        (captions, 0),  # no GPU on the node
+        ({**captions, "models": {"actor_cores": 0}}, 1),
+        ({**captions, "models": {"device": "cpu"}}, 1),
+        ({}, 1),  # no model stages
+    ]:
+        before, kept, after = run(raw, gpus, flat)
+        assert kept == set() and after == before, raw
+
+
 def test_hdvg_models_lists_weights(tiny, tmp_path, capsys):
     y = tmp_path / "p.yaml"
     y.write_text(json.dumps({"clip_stages": {
