@@ -453,27 +453,37 @@ if triton is not None:
         return row[:, None] + tl.arange(0, D)[None, :], m[:, None]
 
     @triton.jit
-    def _short_probs(q, k, L, scale, LP: tl.constexpr, R: tl.constexpr):
+    def _mm(a, b, F32: tl.constexpr):
+        """``tl.dot(a, b)``; ``F32``: on operands cast up to fp32 first -- Triton's interpreter
+        (CPU tests) multiplies bf16 operands as raw bits; their values are exact in fp32, so
+        the product is the GPU's bf16 tensor-core product up to summation order."""
+        if F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _short_probs(q, k, L, scale, LP: tl.constexpr, R: tl.constexpr, F32: tl.constexpr):
         """Softmax of ``q k^T * scale`` within each sequence (block-diagonal in the tile)."""
         r = tl.arange(0, R)
         same = ((r // LP)[:, None] == (r // LP)[None, :]) & ((r % LP) < L)[None, :]
-        x = tl.where(same, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        x = tl.where(same, _mm(q, tl.trans(k), F32) * scale, float("-inf"))
         x = tl.exp(x - tl.max(x, axis=1)[:, None])
         return x / tl.sum(x, axis=1)[:, None]
 
     @triton.jit
     def _short_attn_fwd(Q, K, V, OUT, S, H, L, scale,
                         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
-                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr):  # fmt: skip
+                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                        F32: tl.constexpr):  # fmt: skip
         s0 = tl.program_id(0) * (R // LP)
         qo, m = _short_rows(s0, S, H, L, sqn, sqh, sql, LP, R, D)
         ko, _ = _short_rows(s0, S, H, L, skn, skh, skl, LP, R, D)
         vo, _ = _short_rows(s0, S, H, L, svn, svh, svl, LP, R, D)
         q = tl.load(Q + qo, mask=m, other=0.0)
         k = tl.load(K + ko, mask=m, other=0.0)
-        p = _short_probs(q, k, L, scale, LP, R)
+        p = _short_probs(q, k, L, scale, LP, R, F32)
         v = tl.load(V + vo, mask=m, other=0.0)
-        o = tl.dot(p.to(v.dtype), v)
+        o = _mm(p.to(v.dtype), v, F32)
         oo, _ = _short_rows(s0, S, H, L, son, soh, sol, LP, R, D)
         tl.store(OUT + oo, o.to(OUT.dtype.element_ty), mask=m)
 
@@ -481,7 +491,8 @@ if triton is not None:
     def _short_attn_bwd(Q, K, V, DO, DQ, DK, DV, S, H, L, scale,
                         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sgn, sgh, sgl,
                         sdn, sdh, sdl,
-                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr):  # fmt: skip
+                        LP: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                        F32: tl.constexpr):  # fmt: skip
         """Recomputes the tile's probabilities (no saved output or statistics: a sequence
         lies whole in one tile); the gradients of q, k, v share one layout (``sd*``)."""
         s0 = tl.program_id(0) * (R // LP)
@@ -493,12 +504,12 @@ if triton is not None:
         k = tl.load(K + ko, mask=m, other=0.0)
         v = tl.load(V + vo, mask=m, other=0.0)
         do = tl.load(DO + go, mask=m, other=0.0)
-        p = _short_probs(q, k, L, scale, LP, R)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        p = _short_probs(q, k, L, scale, LP, R, F32)
+        dv = _mm(tl.trans(p).to(do.dtype), do, F32)
+        dp = _mm(do, tl.trans(v), F32).to(tl.float32)
         ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # sum(p * dp) = rowsum(do * o)
-        dq = tl.dot(ds.to(k.dtype), k)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q)
+        dq = _mm(ds.to(k.dtype), k, F32)
+        dk = _mm(tl.trans(ds).to(q.dtype), q, F32)
         do_, _ = _short_rows(s0, S, H, L, sdn, sdh, sdl, LP, R, D)
         tl.store(DQ + do_, dq.to(DQ.dtype.element_ty), mask=m)
         tl.store(DK + do_, dk.to(DK.dtype.element_ty), mask=m)
@@ -609,7 +620,8 @@ def _short_attn_launch(q, k, v, o=None, grad=None, dq=None, dk=None, dv=None) ->
     rows = max(ATTN_ROWS[kind], lp)  # at least one sequence per tile
     grid = (-(-(n * h) // (rows // lp)),)
     common = (n * h, h, seq_len, d**-0.5, *_nhl(q), *_nhl(k), *_nhl(v))
-    meta = {"LP": lp, "R": rows, "D": d, "num_warps": WARPS[f"short_attn_{kind}"]}
+    meta = {"LP": lp, "R": rows, "D": d, "F32": interpreting(),
+            "num_warps": WARPS[f"short_attn_{kind}"]}  # fmt: skip
     if grad is None:
         _short_attn_fwd[grid](q, k, v, o, *common, *_nhl(o), **meta)
     else:
@@ -872,7 +884,7 @@ def build_cases() -> list[tuple[str, dict]]:
         ("_short_attn_fwd", ATTN_ROWS["fwd"]),
         ("_short_attn_bwd", ATTN_ROWS["bwd"]),
     ):
-        cases.add((name, (("LP", 16), ("R", rows), ("D", 64))))  # 16 frames, head dim 64
+        cases.add((name, (("LP", 16), ("R", rows), ("D", 64), ("F32", False))))  # 16 frames, d 64
     for product, bias in ((False, False), (True, True)):  # GEGLU widths 1280 to 5120: 1024
         consts = (("PRODUCT", product), ("BIAS", bias), ("BLOCK_R", TILE // 1024))
         cases.add(("_geglu_bwd", (*consts, ("BLOCK", 1024))))

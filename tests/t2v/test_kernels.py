@@ -286,8 +286,8 @@ def test_kernels_build_for_an_h100_without_spills():
         ("_ln_fwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_ln_bwd", {"ND": 6, "BLOCK_M": 8, "BLOCK_C": 512}),
         ("_geglu_bwd", {"PRODUCT": True, "BIAS": True, "BLOCK_R": 4, "BLOCK": 1024}),
-        ("_short_attn_fwd", {"LP": 16, "R": 64, "D": 64}),
-        ("_short_attn_bwd", {"LP": 16, "R": 32, "D": 64}),
+        ("_short_attn_fwd", {"LP": 16, "R": 64, "D": 64, "F32": False}),
+        ("_short_attn_bwd", {"LP": 16, "R": 32, "D": 64, "F32": False}),
     ]
     code = (
         "import json, sys; from hdvg.t2v import kernels; "
@@ -335,6 +335,29 @@ def test_short_attention_matches_sdpa(kernels, frames, heads):
     torch.testing.assert_close(pp.grad, want_proj, rtol=1e-4, atol=1e-5)
     long = torch.randn(1, 1, kernels.SHORT_ATTENTION_MAX + 1, d)
     assert kernels.short_attention(long, long, long) is None
+
+
+def test_short_attention_bf16(kernels):
+    """bf16 q, k, v as autocast hands them (the training step's dtype): output and gradients
+    within bf16 rounding of SDPA computed in fp32 on the same values. (Triton's interpreter
+    multiplies bf16 dot operands as raw bits, so the kernel casts them up there: ``F32``.)"""
+    from hdvg.t2v.layers import _heads
+
+    torch.manual_seed(0)
+    heads, frames, d = 2, 16, 64
+    proj = torch.randn(12, frames, 3 * heads * d).to(torch.bfloat16)
+    leaf = proj.clone().requires_grad_()
+    got = kernels.short_self_attention(leaf, heads)
+    pp = proj.float().requires_grad_()
+    want = F.scaled_dot_product_attention(*_heads(pp, 3, heads))
+    assert got.dtype == torch.bfloat16
+    rel = (got.float() - want).norm() / want.norm()
+    assert rel < 1e-2, rel
+    g = torch.randn(want.shape)
+    got.backward(g.to(torch.bfloat16))
+    want.backward(g)
+    rel = (leaf.grad.float() - pp.grad).norm() / pp.grad.norm()
+    assert leaf.grad.dtype == torch.bfloat16 and rel < 2e-2, rel
 
 
 def test_unet_with_short_attention_matches_sdpa(kernels, monkeypatch):
