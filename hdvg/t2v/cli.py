@@ -48,6 +48,10 @@ def _guard(fn):
     def run(args: argparse.Namespace) -> int:
         from hdvg.t2v.config import ConfigError
 
+        # progress lines (train: a line per logged step and a summary) on stderr, also when
+        # `hdvg train` comes through hdvg/cli.py, which sets up no logging of its own
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
         try:
             return fn(args)
         except (ConfigError, FileNotFoundError, PermissionError) as e:

@@ -235,6 +235,18 @@ class Metrics:
             self.tb.close()
 
 
+def progress_line(row: dict[str, Any], total_steps: int) -> str:
+    """One console line per logged step: where the run is, its loss and speed, and when it
+    will be done at that speed."""
+    left = (total_steps - row["step"]) / row["it_s"] if row["it_s"] > 0 else 0.0
+    mem = f"  {row['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in row else ""
+    return (
+        f"step {row['step']}/{total_steps}  loss {row['loss']:.4f}  {row['it_s']:.2f} it/s  "
+        f"{row['samples_s']:.1f} samples/s  data wait {row['data_wait_s']:.2f} s{mem}  "
+        f"eta {left / 60:.1f} min"
+    )
+
+
 # --- the trainer -----------------------------------------------------------------------------
 
 
@@ -354,7 +366,11 @@ def main(
             "versions": {"torch": torch.__version__},
         }
 
-    t_last = time.perf_counter()
+    t_last = t_start = time.perf_counter()
+    start_step = step
+    first = step + 1  # a compiled U-Net compiles in this step: say so, and how long it took
+    if tc.compile and is_main:
+        log.info("train.compile=%s: step %d compiles the U-Net first (minutes)", tc.compile, first)
     while step < total_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -398,6 +414,8 @@ def main(
         lr_sched.step()
         ema.update(unet, step)
         step += 1
+        if step == first and tc.compile and is_main:
+            log.info("step %d (with the compile) took %.1f s", step, time.perf_counter() - t0)
 
         if step % tc.log_every == 0 or step == total_steps:
             now = time.perf_counter()
@@ -426,12 +444,21 @@ def main(
             if device.type == "cuda":
                 row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics.write(row)
+            if is_main:
+                log.info(progress_line(row, total_steps))
         if step % tc.ckpt_every == 0 or step == total_steps:
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
 
     metrics.close()
+    if is_main and step > start_step:
+        wall = time.perf_counter() - t_start
+        log.info(
+            "done: steps %d-%d in %.1f s (%.2f steps/s), last loss %.4f; checkpoint %s",
+            start_step + 1, step, wall, (step - start_step) / wall, float(loss.detach()),
+            run_dir / "last.ckpt",
+        )  # fmt: skip
     if world > 1:
         torch.distributed.barrier()
     if own_group:  # a group Ray Train made is Ray's to tear down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,10 +122,17 @@ def test_cli_end_to_end(shard_root, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hdvg.t2v.cli", "train", str(cfg_path)]
-    cmd += ["--shards", str(shard_root), "--output", str(run), "--steps", "1"]
-    subprocess.run(cmd, check=True, env=env, timeout=300, cwd=ROOT)
+    cmd = [sys.executable, "-m", "hdvg", "train", str(cfg_path)]  # the `hdvg` command
+    cmd += ["--shards", str(shard_root), "--output", str(run), "--steps", "2"]
+    res = subprocess.run(cmd, check=True, env=env, timeout=300, cwd=ROOT, capture_output=True,
+                         text=True)  # fmt: skip
     assert losses(run)[1] > 0
+    # progress on the console: a line per step with its loss as metrics.jsonl has it, a summary
+    for step, loss in losses(run).items():
+        assert re.search(rf"step {step}/2  loss {loss:.4f}  [\d.]+ it/s .* eta [\d.]+ min",
+                         res.stderr), res.stderr  # fmt: skip
+    assert re.search(r"done: steps 1-2 in [\d.]+ s .* last loss [\d.]+; checkpoint .*last.ckpt",
+                     res.stderr), res.stderr  # fmt: skip
     # the sampler through the same CLI entry point, in-process (saves a second interpreter start)
     from hdvg.t2v.cli import main as cli
 
