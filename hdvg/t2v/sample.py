@@ -8,6 +8,8 @@ The initial noise comes from a CPU generator, so a seed gives the same video on 
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.train import autocast, load_checkpoint, noise_scheduler, resolved_config
 from hdvg.t2v.unet import SwapUNet
 from hdvg.t2v.vae import VideoVAE
+
+log = logging.getLogger("hdvg.t2v.sample")
 
 
 def load_for_sampling(ckpt_path: str | Path, device: torch.device, use_ema: bool = True):
@@ -62,12 +66,17 @@ def generate(
     shape = (1, vae.latent_channels, frames, height // s, width // s)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device) * scheduler.init_noise_sigma  # (1,c,F,h,w)
-    for t in scheduler.timesteps:
+    t0 = time.perf_counter()
+    every = max(1, len(scheduler.timesteps) // 10)  # ~10 progress lines a video
+    for i, t in enumerate(scheduler.timesteps, 1):
         with autocast(device, cfg.train.precision):
             pred = unet(torch.cat([x, x]), t, text).float()  # (2, c, F, h, w)
         uncond, cond = pred.chunk(2)
         guided = uncond + guidance * (cond - uncond)
         x = scheduler.step(guided, t, x).prev_sample  # DDIM eq. 12, eta = 0
+        if i % every == 0 or i == len(scheduler.timesteps):
+            log.info("denoising step %d/%d, %.1f s", i, len(scheduler.timesteps),
+                     time.perf_counter() - t0)  # fmt: skip
     video = vae.decode(x)  # (1, 3, F, H, W) in [-1, 1]
     video = ((video[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
@@ -126,4 +135,5 @@ def main(
         negative_prompt=sc.negative_prompt if negative_prompt is None else negative_prompt,
     )
     write_mp4(video, out, sc.fps or cfg.data.fps or 8.0)
+    log.info("wrote %s: %d frames of %dx%d", out, *video.shape[:3])
     return 0

@@ -115,7 +115,7 @@ def test_sampler_writes_decodable_mp4_same_for_same_seed(trained, tmp_path):
     assert not np.array_equal(va, vc)
 
 
-def test_cli_end_to_end(shard_root, tmp_path):
+def test_cli_end_to_end(shard_root, tmp_path, caplog):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(
         yaml.safe_dump(tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET}))
@@ -138,8 +138,12 @@ def test_cli_end_to_end(shard_root, tmp_path):
 
     out = tmp_path / "v.mp4"
     argv = ["sample", "--ckpt", str(run / "last.ckpt"), "--prompt", "bars", "--out", str(out)]
+    caplog.set_level("INFO", logger="hdvg.t2v.sample")
     assert cli(argv + ["--frames", "3", "--steps", "2", "--seed", "1"]) == 0
     assert decode(out).shape == (3, 32, 32, 3)
+    said = [r.getMessage() for r in caplog.records if r.name == "hdvg.t2v.sample"]
+    assert [m.split(",")[0] for m in said[:2]] == ["denoising step 1/2", "denoising step 2/2"]
+    assert said[-1] == f"wrote {out}: 3 frames of 32x32"
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
