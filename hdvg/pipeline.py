@@ -383,6 +383,8 @@ class ModelStageActor:
     seconds per step, summed over calls (the benchmark's breakdown)."""
 
     def __init__(self, cfg: PipelineConfig, stages: list | None = None):
+        if _KEPT:  # a CPU worker's process Ray reused for this actor: the kept cores are its own
+            os.sched_setaffinity(0, os.sched_getaffinity(0) | _KEPT)
         self.stages = model_stages(cfg) if stages is None else stages
         if stages is None:
             for s in self.stages:

@@ -204,8 +204,9 @@ def test_cpu_workers_keep_cores_free_for_gpu_actors(tiny, tmp_path):
     """On a node with GPUs the CPU workers of a recipe with model stages keep off
     `models.actor_cores` physical cores per GPU (both hardware threads of each, the last ones),
     never more than half their cores; nothing changes without GPUs, with `actor_cores: 0`,
-    on `models.device: cpu`, or without model stages. Each case in a forked child: its
-    affinity, not this process's."""
+    on `models.device: cpu`, or without model stages; a model actor started in such a process
+    (Ray reuses idle workers) takes them back. Each case in a forked child: its affinity, not
+    this process's."""
     import multiprocessing as mp
 
     from hdvg import pipeline
@@ -216,7 +217,9 @@ def test_cpu_workers_keep_cores_free_for_gpu_actors(tiny, tmp_path):
         before = os.sched_getaffinity(0)
         pipeline.yield_cpu(from_dict(raw))  # a source / frame-pool worker's first row
         pipeline.yield_cpu(from_dict(raw))  # once per process: no second cut
-        q.put((before, pipeline._KEPT or set(), os.sched_getaffinity(0)))
+        kept, after = pipeline._KEPT or set(), os.sched_getaffinity(0)
+        pipeline.ModelStageActor(from_dict(raw), stages=[])  # Ray may reuse it for an actor
+        q.put((before, kept, after, os.sched_getaffinity(0)))
 
     def run(raw, gpus, sysfs):
         ctx = mp.get_context("fork")
@@ -232,14 +235,15 @@ def test_cpu_workers_keep_cores_free_for_gpu_actors(tiny, tmp_path):
         pytest.skip("needs two CPUs")
     # one thread per core (this VM's topology, as the kernel reports it)
     flat = _fake_topology(tmp_path / "flat", {c: str(c) for c in allowed})
-    before, kept, after = run(captions, 1, flat)
+    before, kept, after, actor = run(captions, 1, flat)
     assert kept == {allowed[-1]} and after == before - kept
+    assert actor == before  # an actor in that process has every core back
     # two hardware threads per core: the last core's pair, or nothing when that is over half
     pairs = {
         c: ",".join(map(str, allowed[i - i % 2 : i - i % 2 + 2])) for i, c in enumerate(allowed)
     }
     smt = _fake_topology(tmp_path / "smt", pairs)
-    before, kept, after = run(captions, 1, smt)
+    before, kept, after, _ = run(captions, 1, smt)
     n_cores = len(pipeline.physical_cores(set(allowed), smt))
     if n_cores >= 2:
         assert kept == set(allowed[-2:]) and after == before - kept
@@ -251,7 +255,7 @@ def test_cpu_workers_keep_cores_free_for_gpu_actors(tiny, tmp_path):
         ({**captions, "models": {"device": "cpu"}}, 1),
         ({}, 1),  # no model stages
     ]:
-        before, kept, after = run(raw, gpus, flat)
+        before, kept, after, _ = run(raw, gpus, flat)
         assert kept == set() and after == before, raw
 
 
