@@ -328,8 +328,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_clip_shards(root: Path, n: int) -> Path:
+def make_clip_shards(root: Path, n: int, size: str = "640x360", gop_s: float = 0.0) -> Path:
+    """``n`` 4-s 24-fps H.264 clips of ``size`` in one shard; ``gop_s``: a keyframe every that
+    many seconds (0: x264's default, one GOP a clip here)."""
     import imageio_ffmpeg
+
+    w, h = (int(v) for v in size.split("x"))
 
     shards = root / "shards"
     shards.mkdir(parents=True)
@@ -340,11 +344,12 @@ def make_clip_shards(root: Path, n: int) -> Path:
             sep = ":" if "=" in src else "="
             mp4 = root / f"{i}.mp4"
             cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f"]
-            cmd += ["lavfi", "-i", f"{src}{sep}size=640x360:rate=24", "-t", "4", "-c:v", "libx264"]
+            cmd += ["lavfi", "-i", f"{src}{sep}size={size}:rate=24", "-t", "4", "-c:v", "libx264"]
+            cmd += ["-g", str(round(gop_s * 24))] if gop_s else []
             cmd += ["-pix_fmt", "yuv420p", "-preset", "veryfast", str(mp4)]
             subprocess.run(cmd, check=True, timeout=120, stdin=subprocess.DEVNULL)
             key = f"{i:016x}_0000"
-            meta = {"clip_id": key, "width": 640, "height": 360, "fps": 24.0, "duration_s": 4.0}
+            meta = {"clip_id": key, "width": w, "height": h, "fps": 24.0, "duration_s": 4.0}
             for name, data in [
                 (f"{key}.json", json.dumps(meta).encode()),
                 (f"{key}.mp4", mp4.read_bytes()),
@@ -364,7 +369,7 @@ def bench_loader(args) -> dict:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_clip_shards(Path(tmp), args.clips)
+        root = make_clip_shards(Path(tmp), args.clips, args.clip_size, args.gop)
         raw = [s["mp4"] for s in read_tar(str(root / "shards" / "shard-000000.tar"))]
         t0 = time.perf_counter()
         for data in raw:  # plain decode of every frame, native size, one thread
@@ -392,7 +397,8 @@ def bench_loader(args) -> dict:
         two_workers = n / (time.perf_counter() - t0)
     row = {
         "clips": args.clips,
-        "clip": "640x360 H.264, 24 fps, 4 s (96 frames)",
+        "clip": f"{args.clip_size} H.264, 24 fps, 4 s (96 frames), "
+        + (f"a keyframe every {args.gop:g} s" if args.gop else "one GOP"),
         "sample": "16 frames at 8 fps, 256x256 center crop",
         "plain_decode_clips_s_per_core": plain,
         "loader_clips_s_per_core": one_core,
@@ -446,6 +452,10 @@ def main() -> int:
     p.add_argument("--baseline", action="store_true", help="also time diffusers' UNet3D")
     p.add_argument("--baseline-batch", type=int, nargs="+", default=[8])
     p.add_argument("--clips", type=int, default=16)
+    p.add_argument(
+        "--clip-size", default="640x360", help="loader: the clips' size (curated: >= 720p)"
+    )
+    p.add_argument("--gop", type=float, default=0.0, help="loader: seconds between keyframes")
     p.add_argument("--json", default=None, help="append results to this JSON file")
     p.add_argument(
         "--profile", default=None, help="profile 2 steps after timing: PREFIX.<model>.txt tables"
