@@ -57,6 +57,15 @@ def _guard(fn):
         except (ConfigError, FileNotFoundError, PermissionError) as e:
             print(f"hdvg {args.command}: {e}", file=sys.stderr)
             return 2
+        except Exception as e:
+            from hdvg.t2v.data import NoClipsError
+
+            if not isinstance(e, NoClipsError):
+                raise
+            # from a DataLoader worker the message carries the worker's traceback: its last line
+            line = str(e).strip().splitlines()[-1].split("NoClipsError: ", 1)[-1]
+            print(f"hdvg {args.command}: {line}", file=sys.stderr)
+            return 2
 
     return run
 

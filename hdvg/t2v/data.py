@@ -173,6 +173,12 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+class NoClipsError(ValueError):
+    """A loader worker read all of its shards once and could train on none of their clips
+    (every one undecodable or too short): it would otherwise read them forever, and the
+    DataLoader, which asks its workers in turn, would wait on it forever."""
+
+
 class ShardClips(IterableDataset):
     """Endless, shuffled, resumable stream of ``{"video", "caption", "key", "worker", "cursor"}``."""
 
@@ -195,8 +201,9 @@ class ShardClips(IterableDataset):
         self.cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
         self.batches = int(state.get("batches", 0))
 
-    def _raw(self, gw: int, total: int) -> Iterator[dict[str, Any]]:
-        """This worker's raw (undecoded) samples, epoch after epoch, shuffled."""
+    def _raw(self, gw: int, total: int) -> Iterator[dict[str, Any] | None]:
+        """This worker's raw (undecoded) samples, epoch after epoch, shuffled; None after
+        each epoch's last sample."""
         by_shard = len(self.urls) >= total
         for epoch in count():
             order = list(self.urls)
@@ -217,7 +224,8 @@ class ShardClips(IterableDataset):
                 empty = False
                 yield s
             if empty:
-                raise RuntimeError(f"worker {gw} got no samples from {len(mine)} shard(s)")
+                raise NoClipsError(f"loader worker {gw} got no samples from {len(mine)} shard(s)")
+            yield None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size = world()
@@ -230,9 +238,21 @@ class ShardClips(IterableDataset):
         cursor = self.cursors.get(gw, 0)
         skipped = {"too_short": 0, "decode_error": 0}
         raw = self._raw(gw, total)
-        for _ in range(cursor):  # fast-forward on resume: read, do not decode
-            next(raw)
+        done = 0
+        while done < cursor:  # fast-forward on resume: read, do not decode
+            done += next(raw) is not None
+        used = cursor > 0  # a resumed epoch's first part was used before: judge the next one
         for s in raw:
+            if s is None:  # a whole pass over this worker's shards
+                if not used:
+                    raise NoClipsError(
+                        f"loader worker {gw}: no usable clip in a whole pass over its shards "
+                        f"({skipped['decode_error']} undecodable, {skipped['too_short']} shorter "
+                        f"than {self.cfg.frames} frames at the sampling rate) in {self.urls[:3]}"
+                        + (" ..." if len(self.urls) > 3 else "")
+                    )
+                used = False
+                continue
             cursor += 1
             key = s["__key__"]
             meta = json.loads(s["json"]) if "json" in s else {}
@@ -251,6 +271,7 @@ class ShardClips(IterableDataset):
                 skipped["decode_error"] += 1
                 continue
             item |= {f"skipped_{k}": v for k, v in skipped.items()}
+            used = True
             yield item
 
 

@@ -12,12 +12,14 @@ import torch
 
 from hdvg.t2v.config import DataConfig
 from hdvg.t2v.data import (
+    NoClipsError,
     ShardClips,
     StreamState,
     decode_clip,
     expand_shards,
     frame_indices,
     make_loader,
+    read_tar,
 )
 
 
@@ -190,3 +192,43 @@ def test_resume_with_other_worker_count_is_refused(shard_root):
     state = StreamState(cfg(num_workers=2))
     with pytest.raises(ValueError, match="workers"):
         ShardClips(str(shard_root), cfg(num_workers=3)).load_state(state.state_dict())
+
+
+def bad_shards(root, good: dict | None = None):
+    """A shard of 3 samples whose mp4 is not a video (zero bytes, text, a cut-off mp4 header),
+    plus ``good`` (a raw sample) when given."""
+    import tarfile
+
+    from tests.t2v.conftest import _add
+
+    root.mkdir()
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for i, data in enumerate([b"", b"not a video" * 50, b"\x00\x00\x00\x18ftypmp42" * 4]):
+            _add(tar, f"bad{i:013d}_0000.mp4", data)
+            _add(tar, f"bad{i:013d}_0000.txt", b"a caption")
+        if good:
+            for ext in ("json", "mp4", "txt"):
+                _add(tar, f"{good['__key__']}.{ext}", good[ext])
+    return root
+
+
+def test_shards_without_a_usable_clip_fail_with_the_reason(shard_root, tmp_path):
+    """A worker that reads all its shards once and can use none of their clips says so (it
+    would read them forever, and the DataLoader, asking its workers in turn, would hang);
+    one usable clip among bad ones keeps the stream going, epoch after epoch."""
+    bad = bad_shards(tmp_path / "bad")
+    with pytest.raises(NoClipsError, match=r"no usable clip .* \(3 undecodable, 0 shorter"):
+        next(iter(ShardClips(str(bad), cfg())))
+    # the real shards' clips, all too short for 64 frames at 4 fps
+    with pytest.raises(NoClipsError, match=r"\(0 undecodable, 6 shorter than 64 frames"):
+        next(iter(ShardClips(str(shard_root), cfg(frames=64))))
+    # through a DataLoader worker: the same error type reaches the trainer
+    loader = make_loader(ShardClips(str(bad), cfg(num_workers=1)), cfg(num_workers=1))
+    with pytest.raises(NoClipsError, match="3 undecodable"):
+        next(iter(loader))
+    first = str(shard_root / "shards" / "shard-000000.tar")
+    good = next(s for s in read_tar(first))
+    mixed = ShardClips(str(bad_shards(tmp_path / "mixed", good)), cfg())
+    items = list(islice(iter(mixed), 5))  # 5 epochs of 4 samples, one usable in each
+    assert {i["key"] for i in items} == {good["__key__"]}
+    assert 12 <= items[-1]["skipped_decode_error"] <= 15  # 4 epochs before, part of the 5th

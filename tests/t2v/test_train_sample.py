@@ -156,6 +156,26 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert "stepz" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_shards_without_usable_clips_exit_2_with_one_line(tmp_path, capsys):
+    """`hdvg train` on shards none of whose clips decode: one line naming the worker, the
+    counts and the shards, exit 2 (it used to read them forever), nothing trained."""
+    from hdvg.t2v.cli import main as cli
+    from tests.t2v.test_data import bad_shards
+
+    bad = bad_shards(tmp_path / "bad")
+    cfg_path = tmp_path / "tiny.yaml"
+    data = {"num_workers": 1}  # the error crosses a DataLoader worker, as in a real run
+    cfg_path.write_text(yaml.safe_dump(tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET},
+                                                        data=data)))  # fmt: skip
+    run = tmp_path / "run"
+    argv = ["train", str(cfg_path), "--shards", str(bad), "--output", str(run), "--steps", "1"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hdvg train: loader worker 0: no usable clip")
+    assert "(3 undecodable, 0 shorter than 4 frames" in err[0] and str(bad) in err[0]
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
 def test_register_adds_train_and_sample():
     import argparse
 
