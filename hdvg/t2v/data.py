@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,6 +43,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from hdvg.t2v.config import DataConfig
+
+log = logging.getLogger("hdvg.t2v.data")
 
 
 def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -67,26 +71,40 @@ def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
-def read_tar(url: str) -> Iterator[dict[str, Any]]:
-    """Group a tar's members by key (``{key}.{ext}``); only regular, safe member names."""
+def read_tar(url: str, errors: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Group a tar's members by key (``{key}.{ext}``); only regular, safe member names.
+
+    A tar that breaks off (truncated, corrupt) ends after its last whole sample with a warning,
+    the error appended to ``errors``: one bad shard does not end a training run. Without
+    ``errors`` the error is raised."""
     import fsspec
 
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with fsspec.open(url, "rb") as f:
         current: dict[str, Any] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            try:  # the "data" filter's checks, without extracting anything to disk
-                tarfile.data_filter(member, "/nonexistent")
-            except tarfile.FilterError:
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = tar.extractfile(member).read()
+        n = 0
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    try:  # the "data" filter's checks, without extracting anything to disk
+                        tarfile.data_filter(member, "/nonexistent")
+                    except tarfile.FilterError:
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = name.partition(".")
+                    if current and current["__key__"] != key:
+                        n += 1
+                        yield current
+                        current = {}
+                    current["__key__"] = key
+                    current[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            if errors is None:
+                raise
+            errors.append(f"{url}: {e}")
+            log.warning("shard %s breaks off after %d samples (%s): the rest skipped", url, n, e)
+            return  # the sample being read is incomplete
         if current:
             yield current
 
@@ -201,9 +219,9 @@ class ShardClips(IterableDataset):
         self.cursors = {int(k): int(v) for k, v in state.get("cursors", {}).items()}
         self.batches = int(state.get("batches", 0))
 
-    def _raw(self, gw: int, total: int) -> Iterator[dict[str, Any] | None]:
+    def _raw(self, gw: int, total: int, errors: list[str]) -> Iterator[dict[str, Any] | None]:
         """This worker's raw (undecoded) samples, epoch after epoch, shuffled; None after
-        each epoch's last sample."""
+        each epoch's last sample. Shards that break off go to ``errors``."""
         by_shard = len(self.urls) >= total
         for epoch in count():
             order = list(self.urls)
@@ -213,7 +231,7 @@ class ShardClips(IterableDataset):
             def samples(mine=mine) -> Iterator[dict[str, Any]]:
                 n = 0
                 for url in mine:
-                    for s in read_tar(url):
+                    for s in read_tar(url, errors):
                         if by_shard or n % total == gw:
                             yield s
                         n += 1
@@ -224,7 +242,10 @@ class ShardClips(IterableDataset):
                 empty = False
                 yield s
             if empty:
-                raise NoClipsError(f"loader worker {gw} got no samples from {len(mine)} shard(s)")
+                broken = f"; {len(errors)} broke off, e.g. {errors[0]}" if errors else ""
+                raise NoClipsError(
+                    f"loader worker {gw} got no samples from {len(mine)} shard(s){broken}"
+                )
             yield None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -236,8 +257,9 @@ class ShardClips(IterableDataset):
         wid = (wid + self.batches) % nworkers
         gw, total = rank * nworkers + wid, world_size * nworkers
         cursor = self.cursors.get(gw, 0)
-        skipped = {"too_short": 0, "decode_error": 0}
-        raw = self._raw(gw, total)
+        skipped = {"too_short": 0, "decode_error": 0, "bad_shard": 0}
+        errors: list[str] = []
+        raw = self._raw(gw, total, errors)
         done = 0
         while done < cursor:  # fast-forward on resume: read, do not decode
             done += next(raw) is not None
@@ -248,12 +270,14 @@ class ShardClips(IterableDataset):
                     raise NoClipsError(
                         f"loader worker {gw}: no usable clip in a whole pass over its shards "
                         f"({skipped['decode_error']} undecodable, {skipped['too_short']} shorter "
-                        f"than {self.cfg.frames} frames at the sampling rate) in {self.urls[:3]}"
+                        f"than {self.cfg.frames} frames at the sampling rate, {len(errors)} shard "
+                        f"reads broken off) in {self.urls[:3]}"
                         + (" ..." if len(self.urls) > 3 else "")
                     )
                 used = False
                 continue
             cursor += 1
+            skipped["bad_shard"] = len(errors)  # shard reads that broke off, so far
             key = s["__key__"]
             meta = json.loads(s["json"]) if "json" in s else {}
             caption = s.get("txt", b"").decode("utf-8", "replace").strip()

@@ -437,6 +437,7 @@ def main(
                 "data_wait_s": data_wait,
                 "skipped_too_short": int(batch["skipped_too_short"].max()),
                 "skipped_decode_error": int(batch["skipped_decode_error"].max()),
+                "skipped_bad_shard": int(batch["skipped_bad_shard"].max()),  # reads broken off
                 # which clips this step trained on, per rank: a loss spike leads to its clips
                 # (and through the manifest to their sources)
                 "keys": keys,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tarfile
 from itertools import islice
 
 import av
@@ -232,3 +233,36 @@ def test_shards_without_a_usable_clip_fail_with_the_reason(shard_root, tmp_path)
     items = list(islice(iter(mixed), 5))  # 5 epochs of 4 samples, one usable in each
     assert {i["key"] for i in items} == {good["__key__"]}
     assert 12 <= items[-1]["skipped_decode_error"] <= 15  # 4 epochs before, part of the 5th
+
+
+def test_a_shard_that_breaks_off_ends_at_its_last_whole_sample(shard_root, tmp_path, caplog):
+    """A truncated shard (a download cut short, a disk error) yields the samples before the
+    break, warns, and the stream goes on with the other shards, counting the broken reads;
+    shards that break off before their first sample end in NoClipsError saying so."""
+    import shutil
+
+    src = sorted((shard_root / "shards").glob("*.tar"))
+    root = tmp_path / "cut"
+    root.mkdir()
+    for p in src:
+        shutil.copy(p, root / p.name)
+    whole = [s["__key__"] for s in read_tar(str(src[0]))]
+    data = (root / src[0].name).read_bytes()
+    # cut inside the second sample's mp4: the first sample is whole, the second is not
+    second_mp4 = data.index(f"{whole[1]}.mp4".encode())
+    (root / src[0].name).write_bytes(data[: second_mp4 + 512 + 1000])
+    with pytest.raises(tarfile.ReadError):
+        list(read_tar(str(root / src[0].name)))  # without an error list: raised
+    caplog.set_level("WARNING", logger="hdvg.t2v.data")
+    ds = ShardClips(str(root), cfg(frames=3))
+    items = list(islice(iter(ds), 5))  # one epoch: the 6 clips less the cut one
+    keys = {i["key"] for i in items}
+    assert whole[0] in keys and whole[1] not in keys
+    assert max(i["skipped_bad_shard"] for i in items) == 1
+    assert max(i["skipped_too_short"] + i["skipped_decode_error"] for i in items) == 0
+    assert any("breaks off after 1 samples" in r.getMessage() for r in caplog.records)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "shard-000000.tar").write_bytes(data[:700])  # inside the first member
+    with pytest.raises(NoClipsError, match=r"got no samples from 1 shard\(s\); 1 broke off"):
+        next(iter(ShardClips(str(gone), cfg())))

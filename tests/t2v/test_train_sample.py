@@ -172,7 +172,8 @@ def test_cli_shards_without_usable_clips_exit_2_with_one_line(tmp_path, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hdvg train: loader worker 0: no usable clip")
-    assert "(3 undecodable, 0 shorter than 4 frames" in err[0] and str(bad) in err[0]
+    assert "(3 undecodable, 0 shorter than 4 frames at the sampling rate, 0 shard" in err[0]
+    assert str(bad) in err[0]
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
 
 
