@@ -176,7 +176,7 @@ def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | N
 
             # only the GOPs holding a wanted frame are decoded, unreferenced frames skipped
             got = decode_at(stream, packets, {pts[i]: i for i in set(idx)}, crop)
-    except (av.error.FFmpegError, IndexError, ValueError) as e:
+    except (av.error.FFmpegError, IndexError, ValueError, TypeError) as e:  # TypeError: bad hints
         return Clip(None, f"decode_error: {type(e).__name__}")
     if len(got) < len(set(idx)):
         return Clip(None, "decode_error: frames missing")
@@ -279,13 +279,14 @@ class ShardClips(IterableDataset):
             cursor += 1
             skipped["bad_shard"] = len(errors)  # shard reads that broke off, so far
             key = s["__key__"]
-            meta = json.loads(s["json"]) if "json" in s else {}
+            meta = _meta(s.get("json"))
             caption = s.get("txt", b"").decode("utf-8", "replace").strip()
             rng = random.Random(f"{self.seed}-{key}-{cursor}")
             item: dict[str, Any] = {"caption": caption, "key": key, "worker": gw, "cursor": cursor}
-            if self.cfg.use_latents and "latents.npy" in s:
-                item["latents"] = torch.from_numpy(np.load(io.BytesIO(s["latents.npy"])))
-            elif "mp4" in s:
+            latents = _latents(s.get("latents.npy")) if self.cfg.use_latents else None
+            if latents is not None:
+                item["latents"] = latents
+            elif "mp4" in s:  # also a clip whose stored latents do not load
                 clip = decode_clip(s["mp4"], self.cfg, rng, meta)
                 if clip.frames is None:
                     skipped["too_short" if clip.reason == "too_short" else "decode_error"] += 1
@@ -297,6 +298,25 @@ class ShardClips(IterableDataset):
             item |= {f"skipped_{k}": v for k, v in skipped.items()}
             used = True
             yield item
+
+
+def _meta(raw: bytes | None) -> dict[str, Any]:
+    """A sample's ``json`` (hints such as its fps); {} when missing or not a JSON object."""
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:  # not JSON, not UTF-8
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _latents(raw: bytes | None) -> torch.Tensor | None:
+    """A sample's stored latents, or None when it has none or they do not load."""
+    if not raw:
+        return None
+    try:
+        return torch.from_numpy(np.load(io.BytesIO(raw)))
+    except (ValueError, OSError, EOFError):  # not an .npy (pickles are refused too)
+        return None
 
 
 def get_num_workers(cfg: DataConfig) -> int:

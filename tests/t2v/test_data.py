@@ -266,3 +266,28 @@ def test_a_shard_that_breaks_off_ends_at_its_last_whole_sample(shard_root, tmp_p
     (gone / "shard-000000.tar").write_bytes(data[:700])  # inside the first member
     with pytest.raises(NoClipsError, match=r"got no samples from 1 shard\(s\); 1 broke off"):
         next(iter(ShardClips(str(gone), cfg())))
+
+
+def test_hostile_sample_metadata_costs_only_that_metadata(shard_root, tmp_path):
+    """A sample's json that is not JSON, not an object, or holds odd hints, and stored latents
+    that are not an .npy: the clip still trains from its mp4; latents that do not load and no
+    mp4 count as undecodable. Nothing raises."""
+    from tests.t2v.conftest import _add
+
+    good = next(s for s in read_tar(str(sorted((shard_root / "shards").glob("*.tar"))[0])))
+    root = tmp_path / "hostile"
+    root.mkdir()
+    jsons = [b"{not json", b"[1, 2, 3]", b'{"fps": {"x": 1}, "width": "wide"}', b"\xff\xfe"]
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for i, meta in enumerate(jsons):
+            key = f"{i:016x}_0000"
+            _add(tar, f"{key}.json", meta)
+            _add(tar, f"{key}.latents.npy", b"\x93NUMPY garbage")
+            _add(tar, f"{key}.mp4", good["mp4"])
+            _add(tar, f"{key}.txt", b"a caption")
+        _add(tar, "ffffffffffffffff_0000.latents.npy", b"not an npy")  # and no mp4
+    ds = ShardClips(str(root), cfg(use_latents=True))
+    items = list(islice(iter(ds), 8))  # two epochs
+    assert {i["key"] for i in items} == {f"{i:016x}_0000" for i in range(len(jsons))}
+    assert all(i["video"].shape == (3, 4, 32, 32) and "latents" not in i for i in items)
+    assert max(i["skipped_decode_error"] for i in items) >= 1
