@@ -160,9 +160,45 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     return path
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint file that does not load: corrupt, cut short, not a checkpoint, or asking
+    to run code (a pickle naming anything beyond tensors, numpy arrays and plain types)."""
+
+
+def _checkpoint_globals() -> list:
+    """What a checkpoint may name besides tensors and plain types: the numpy RNG state."""
+    import numpy as np
+    from torch.torch_version import TorchVersion
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    dtypes = {type(np.dtype(t)) for t in ("u1", "u4", "i8", "f8")}
+    return [np.ndarray, np.dtype, _reconstruct, TorchVersion, *dtypes]
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    # our own files: they hold numpy RNG state and plain Python objects, so not weights_only
-    return torch.load(str(path), map_location="cpu", weights_only=False)
+    """A checkpoint, loaded with torch's weights-only unpickler: a shared .ckpt cannot run
+    code on load. Raises FileNotFoundError or :class:`CheckpointError` with the reason."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # torch's weights-only refusal wraps its reason in advice (not ours to give): the reason
+        generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if not line.startswith(generic)), type(e).__name__)
+        raise CheckpointError(f"{path} is not a checkpoint hdvg can load: {why}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not an hdvg checkpoint (no model state)")
+    return ckpt
 
 
 def setup_distributed() -> tuple[int, int, torch.device, bool]:

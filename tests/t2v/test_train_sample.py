@@ -146,6 +146,44 @@ def test_cli_end_to_end(shard_root, tmp_path, caplog):
     assert said[-1] == f"wrote {out}: 3 frames of 32x32"
 
 
+class _RunsCode:
+    """Pickles as a call of os.system: what a hostile .ckpt would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_are_refused_with_the_reason(trained, tmp_path, capsys):
+    """`hdvg sample` / `--resume` load checkpoints with torch's weights-only unpickler: a
+    checkpoint that would run code is refused without running it; garbage, a truncated file
+    and a file that is no hdvg checkpoint each exit 2 with one line; a real one loads."""
+    from hdvg.t2v.cli import main as cli
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"model": {}, "step": 1, "payload": _RunsCode(marker)}, evil)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint\n" * 10)
+    real = (trained / "last.ckpt").resolve().read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(real[: len(real) // 2])
+    other = tmp_path / "other.ckpt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    cases = {evil: "unsupported GLOBAL posix.system", garbage: "can load: ", cut: "zip archive",
+             other: "not an hdvg checkpoint"}  # fmt: skip
+    for path, why in cases.items():
+        argv = ["sample", "--ckpt", str(path), "--prompt", "x", "--out", str(tmp_path / "v.mp4")]
+        assert cli(argv) == 2, path
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"hdvg sample: {path}"), err
+        assert why in err[0], err
+    assert not marker.exists()  # the pickled call never ran
+    assert load_checkpoint(trained / "last.ckpt")["step"] == 2
+
+
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     from hdvg.t2v.cli import main as cli
 
