@@ -104,6 +104,20 @@ def resolved_config(ckpt: dict[str, Any]) -> T2VConfig:
     return from_dict(T2VConfig, ckpt["config"])
 
 
+def check_same_unet(saved: T2VConfig, cfg: T2VConfig, where: Path) -> None:
+    """A resumed run must build the U-Net its checkpoint holds (the training settings may
+    change); else a ConfigError naming what differs, instead of load_state_dict's hundred
+    size mismatches."""
+    old, new = saved.model.unet_config().__dict__, cfg.model.unet_config().__dict__
+    diff = [k for k in new if k != "gradient_checkpointing" and old.get(k) != new[k]]
+    if diff:
+        said = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} here" for k in diff[:3])
+        raise ConfigError(
+            f"{where} holds another U-Net than this config builds ({said}): resume with the "
+            f"run's own config.yaml, or train into a new --output"
+        )
+
+
 class EMA:
     """Exponential moving average of the trainable weights, kept in fp32."""
 
@@ -346,6 +360,7 @@ def main(
     last = run_dir / "last.ckpt"
     if resume and last.exists():
         ckpt = load_checkpoint(last)
+        check_same_unet(resolved_config(ckpt), cfg, last)
         unet.load_state_dict(ckpt["model"])
         ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -184,6 +184,22 @@ def test_bad_checkpoints_are_refused_with_the_reason(trained, tmp_path, capsys):
     assert load_checkpoint(trained / "last.ckpt")["step"] == 2
 
 
+def test_resume_with_another_unet_says_what_differs(trained, shard_root, tmp_path):
+    """`--resume` under a config that builds another U-Net: a ConfigError naming the field
+    and both values (not load_state_dict's size mismatches), before any step runs."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    other = micro_cfg(steps=3)
+    other.model.unet["block_out_channels"] = [8, 16]
+    other.model.unet["norm_num_groups"] = 2
+    with pytest.raises(ConfigError, match=r"holds another U-Net .*block_out_channels: \(16, 32\) "
+                       r"there, \(8, 16\) here.*norm_num_groups: 4 there, 2 here"):  # fmt: skip
+        main(other, str(shard_root), run, resume=True)
+    assert max(losses(run)) == 2  # nothing trained
+
+
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     from hdvg.t2v.cli import main as cli
 
