@@ -153,6 +153,17 @@ def test_ray_train_runs_the_same_loop(
     b = load_checkpoint(torchrun_run[0] / "last.ckpt")["model"]
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
+    # a worker's bad input (shards with nothing to train on) ends the launch as it ends a
+    # single-process run: exit 2, its reason as the last line, not Ray's wrapped traceback
+    from tests.t2v.test_data import bad_shards
+
+    capsys.readouterr()
+    nothing = bad_shards(tmp_path / "bad")
+    argv = ["train", str(config), "--shards", str(nothing), "--output", str(tmp_path / "r2")]
+    assert cli(argv + ["--steps", "1", "--ray-workers", "1", "--ray-cpus-per-worker", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hdvg train: loader worker 0: no usable clip"), last
+
 
 def test_ray_flags_parse():
     import argparse
