@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,9 +329,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_clip_shards(root: Path, n: int, size: str = "640x360", gop_s: float = 0.0) -> Path:
+def make_clip_shards(root: Path, n: int, size: str = "640x360", gop_s: float = 0.0,
+                     latents: tuple[int, ...] | None = None) -> Path:  # fmt: skip
     """``n`` 4-s 24-fps H.264 clips of ``size`` in one shard; ``gop_s``: a keyframe every that
-    many seconds (0: x264's default, one GOP a clip here)."""
+    many seconds (0: x264's default, one GOP a clip here); ``latents``: each clip also carries
+    float16 latents of that shape, as the ``latents`` curation stage stores them."""
     import imageio_ffmpeg
 
     w, h = (int(v) for v in size.split("x"))
@@ -350,15 +353,25 @@ def make_clip_shards(root: Path, n: int, size: str = "640x360", gop_s: float = 0
             subprocess.run(cmd, check=True, timeout=120, stdin=subprocess.DEVNULL)
             key = f"{i:016x}_0000"
             meta = {"clip_id": key, "width": w, "height": h, "fps": 24.0, "duration_s": 4.0}
-            for name, data in [
+            members = [
                 (f"{key}.json", json.dumps(meta).encode()),
                 (f"{key}.mp4", mp4.read_bytes()),
                 (f"{key}.txt", b"a synthetic clip"),
-            ]:
+            ]
+            if latents:
+                z = np.random.default_rng(i).standard_normal(latents).astype(np.float16)
+                members.append((f"{key}.latents.npy", _npy(z)))
+            for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return root
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
 
 
 def bench_loader(args) -> dict:
@@ -369,7 +382,8 @@ def bench_loader(args) -> dict:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_clip_shards(Path(tmp), args.clips, args.clip_size, args.gop)
+        # the latents a 16x256x256 sample has in the shards (SD-2.x VAE: 4 x 16 x 32 x 32)
+        root = make_clip_shards(Path(tmp), args.clips, args.clip_size, args.gop, (4, 16, 32, 32))
         raw = [s["mp4"] for s in read_tar(str(root / "shards" / "shard-000000.tar"))]
         t0 = time.perf_counter()
         for data in raw:  # plain decode of every frame, native size, one thread
@@ -386,6 +400,14 @@ def bench_loader(args) -> dict:
         for _ in range(args.clips):
             next(it)
         one_core = args.clips / (time.perf_counter() - t0)
+
+        lat = DataConfig(frames=16, size=(256, 256), fps=8.0, batch_size=1, num_workers=0,
+                         use_latents=True)  # fmt: skip
+        it = iter(ShardClips(str(root), lat))
+        t0 = time.perf_counter()
+        for _ in range(4 * args.clips):  # the stored latents: no video decoded
+            assert "latents" in next(it)
+        latents_one_core = 4 * args.clips / (time.perf_counter() - t0)
 
         cfg2 = DataConfig(frames=16, size=(256, 256), fps=8.0, batch_size=1, num_workers=2)
         loader = iter(make_loader(ShardClips(str(root), cfg2), cfg2))
@@ -404,6 +426,7 @@ def bench_loader(args) -> dict:
         "loader_clips_s_per_core": one_core,
         "loader_clips_s_2_workers": two_workers,
         "loader_vs_plain": one_core / plain,
+        "latents_clips_s_per_core": latents_one_core,  # with data.use_latents
     }
     print(json.dumps(row), flush=True)
     return row
