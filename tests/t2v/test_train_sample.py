@@ -231,6 +231,19 @@ def test_cli_shards_without_usable_clips_exit_2_with_one_line(tmp_path, capsys):
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
 
 
+@pytest.mark.parametrize("flag", ["--frames", "--steps"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_sample_counts_must_be_positive(flag, value, capsys):
+    """`--frames 0` / `--steps 0` used to fall back to the config silently, -3 to a traceback:
+    argparse refuses them (exit 2, the flag and the value named)."""
+    from hdvg.t2v.cli import main as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["sample", "--ckpt", "c", "--prompt", "p", "--out", "o.mp4", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be a whole number >= 1, not '{value}'" in capsys.readouterr().err
+
+
 def test_register_adds_train_and_sample():
     import argparse
 
