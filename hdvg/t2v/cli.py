@@ -58,6 +58,7 @@ def _guard(fn):
 
     def run(args: argparse.Namespace) -> int:
         from hdvg.t2v.config import ConfigError
+        from hdvg.t2v.data import NoClipsError
 
         # progress lines (train: a line per logged step and a summary) on stderr, also when
         # `hdvg train` comes through hdvg/cli.py, which sets up no logging of its own
@@ -65,17 +66,8 @@ def _guard(fn):
 
         try:
             return fn(args)
-        except (ConfigError, FileNotFoundError, PermissionError) as e:
+        except (ConfigError, NoClipsError, FileNotFoundError, PermissionError) as e:
             print(f"hdvg {args.command}: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:
-            from hdvg.t2v.data import NoClipsError
-
-            if not isinstance(e, NoClipsError):
-                raise
-            # from a DataLoader worker the message carries the worker's traceback: its last line
-            line = str(e).strip().splitlines()[-1].split("NoClipsError: ", 1)[-1]
-            print(f"hdvg {args.command}: {line}", file=sys.stderr)
             return 2
 
     return run

@@ -196,6 +196,11 @@ class NoClipsError(ValueError):
     (every one undecodable or too short): it would otherwise read them forever, and the
     DataLoader, which asks its workers in turn, would wait on it forever."""
 
+    def __init__(self, message: str):
+        # re-raised by the DataLoader (or Ray) in another process, the message carries the
+        # worker's traceback: keep the reason, its last line
+        super().__init__(message.strip().splitlines()[-1].split("NoClipsError: ", 1)[-1])
+
 
 class ShardClips(IterableDataset):
     """Endless, shuffled, resumable stream of ``{"video", "caption", "key", "worker", "cursor"}``."""
@@ -257,8 +262,8 @@ class ShardClips(IterableDataset):
         wid = (wid + self.batches) % nworkers
         gw, total = rank * nworkers + wid, world_size * nworkers
         cursor = self.cursors.get(gw, 0)
-        skipped = {"too_short": 0, "decode_error": 0, "bad_shard": 0}
-        errors: list[str] = []
+        skipped = {"too_short": 0, "decode_error": 0}
+        errors: list[str] = []  # shard reads that broke off, so far
         raw = self._raw(gw, total, errors)
         done = 0
         while done < cursor:  # fast-forward on resume: read, do not decode
@@ -277,7 +282,6 @@ class ShardClips(IterableDataset):
                 used = False
                 continue
             cursor += 1
-            skipped["bad_shard"] = len(errors)  # shard reads that broke off, so far
             key = s["__key__"]
             meta = _meta(s.get("json"))
             caption = s.get("txt", b"").decode("utf-8", "replace").strip()
@@ -296,6 +300,7 @@ class ShardClips(IterableDataset):
                 skipped["decode_error"] += 1
                 continue
             item |= {f"skipped_{k}": v for k, v in skipped.items()}
+            item["skipped_bad_shard"] = len(errors)
             used = True
             yield item
 

@@ -134,7 +134,9 @@ def _bad_input(error: Exception) -> Exception | None:
 
     for failure in getattr(error, "worker_failures", {}).values():
         while failure is not None:
-            if isinstance(failure, ConfigError | NoClipsError):
+            if isinstance(failure, NoClipsError):
+                return NoClipsError(str(failure))  # Ray's wrapper: its reason alone
+            if isinstance(failure, ConfigError):
                 return failure
             failure = failure.__cause__
     return None
