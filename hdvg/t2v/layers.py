@@ -32,6 +32,8 @@ on load, see :class:`Attention`). What differs from a plain ``nn.Module`` stack,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -45,6 +47,35 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the matmuls around ``x`` run in: autocast's, else ``x``'s own."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+_weight_casts: dict | None = None  # (id, dtype) -> (version, cast); only inside cached_casts()
+
+
+@contextlib.contextmanager
+def cached_casts():
+    """Inside this context, without grad, the weights the U-Net casts itself (the fused
+    feed-forward's) are cast once, as autocast's own cache does for every other layer
+    until its context exits: a sampler casts each weight once per video, not once per
+    denoising step. An in-place update of a weight (its version) invalidates its cast."""
+    global _weight_casts
+    outer, _weight_casts = _weight_casts, {}
+    try:
+        yield
+    finally:
+        _weight_casts = outer
+
+
+def cast_weight(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, from the :func:`cached_casts` cache when one is open and grad is off."""
+    cache = _weight_casts
+    if cache is None or t.dtype == dtype or torch.is_grad_enabled():
+        return t.to(dtype)
+    key = (id(t), dtype)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not t or hit[1] != t._version:
+        hit = cache[key] = (t, t._version, t.to(dtype))
+    return hit[2]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -424,7 +455,8 @@ class FeedForward(nn.Module):
             h, gate = proj(x).chunk(2, dim=-1)
             return out(h * F.gelu(gate))  # (B, N, C)
         dt = compute_dtype(x)
-        w = [t.to(dt) for t in (proj.weight, proj.bias, out.weight, out.bias)]  # autocast's casts
+        ws = (proj.weight, proj.bias, out.weight, out.bias)
+        w = [cast_weight(t, dt) for t in ws]  # as autocast would, cached as its casts are
         with torch.autocast(x.device.type, enabled=False):
             return _GegluFeedForward.apply(x.to(dt), *w)  # (B, N, C)
 

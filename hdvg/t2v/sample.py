@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hdvg.t2v.config import T2VConfig
-from hdvg.t2v.layers import use_kernels
+from hdvg.t2v.layers import cached_casts, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.train import autocast, load_checkpoint, noise_scheduler, resolved_config
 from hdvg.t2v.unet import SwapUNet
@@ -68,15 +68,19 @@ def generate(
     x = torch.randn(shape, generator=gen).to(device) * scheduler.init_noise_sigma  # (1,c,F,h,w)
     t0 = time.perf_counter()
     every = max(1, len(scheduler.timesteps) // 10)  # ~10 progress lines a video
-    for i, t in enumerate(scheduler.timesteps, 1):
-        with autocast(device, cfg.train.precision):
+    # one autocast context around the whole loop: autocast keeps its bf16 copies of the
+    # weights until the context exits (cached_casts: the fused feed-forward's, which it casts
+    # itself), so they are cast once per video, not once per step (the scheduler's
+    # elementwise update stays in fp32: autocast casts matmuls and convs only)
+    with autocast(device, cfg.train.precision), cached_casts():
+        for i, t in enumerate(scheduler.timesteps, 1):
             pred = unet(torch.cat([x, x]), t, text).float()  # (2, c, F, h, w)
-        uncond, cond = pred.chunk(2)
-        guided = uncond + guidance * (cond - uncond)
-        x = scheduler.step(guided, t, x).prev_sample  # DDIM eq. 12, eta = 0
-        if i % every == 0 or i == len(scheduler.timesteps):
-            log.info("denoising step %d/%d, %.1f s", i, len(scheduler.timesteps),
-                     time.perf_counter() - t0)  # fmt: skip
+            uncond, cond = pred.chunk(2)
+            guided = uncond + guidance * (cond - uncond)
+            x = scheduler.step(guided, t, x).prev_sample  # DDIM eq. 12, eta = 0
+            if i % every == 0 or i == len(scheduler.timesteps):
+                log.info("denoising step %d/%d, %.1f s", i, len(scheduler.timesteps),
+                         time.perf_counter() - t0)  # fmt: skip
     video = vae.decode(x)  # (1, 3, F, H, W) in [-1, 1]
     video = ((video[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)

@@ -514,3 +514,21 @@ def test_attention_backends_per_kind(monkeypatch):
         use_attention_backends({"temporal": "fast"})
     with pytest.raises(ValueError, match="attention kind"):
         use_attention_backends({"windows": "math"})
+
+
+def test_cached_casts_reuse_a_cast_until_the_weight_changes():
+    from hdvg.t2v.layers import cached_casts, cast_weight
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with torch.no_grad():
+        assert cast_weight(w, torch.bfloat16) is not cast_weight(w, torch.bfloat16)  # no cache
+        with cached_casts():
+            a = cast_weight(w, torch.bfloat16)
+            assert cast_weight(w, torch.bfloat16) is a and a.dtype == torch.bfloat16
+            w.add_(1.0)  # an optimizer step, say: the cast is stale
+            b = cast_weight(w, torch.bfloat16)
+            assert b is not a and torch.equal(b, w.to(torch.bfloat16))
+        assert cast_weight(w, torch.bfloat16) is not b  # the cache closed with its context
+    with cached_casts():  # with grad on, a cast is part of the graph: never reused
+        c = cast_weight(w, torch.bfloat16)
+        assert c.requires_grad and cast_weight(w, torch.bfloat16) is not c

@@ -115,6 +115,38 @@ def test_sampler_writes_decodable_mp4_same_for_same_seed(trained, tmp_path):
     assert not np.array_equal(va, vc)
 
 
+def test_sampler_casts_the_weights_once_per_video(trained):
+    """Under bf16 autocast each weight is cast to bf16 once per video, not once per denoising
+    step (autocast keeps its casts until its context exits: one context spans the loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hdvg.t2v.sample import generate, load_for_sampling
+
+    cfg, unet, text_encoder, vae = load_for_sampling(trained / "last.ckpt", torch.device("cpu"))
+    cfg.train.precision = "bf16"
+    weights = {p.data_ptr() for p in unet.parameters()}
+
+    class WeightCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                WeightCasts.n += out.dtype == torch.bfloat16
+            return out
+
+    counts = {}
+    for steps in (1, 4):
+        WeightCasts.n = 0
+        with WeightCasts():
+            video = generate(cfg, unet, text_encoder, vae, "a test pattern", frames=4,
+                             steps=steps, guidance=3.0, seed=0, device=torch.device("cpu"))  # fmt: skip
+        counts[steps] = WeightCasts.n
+        assert video.shape == (4, 32, 32, 3)
+    assert counts[1] > 10  # the U-Net's matmul / conv weights, cast for the first step
+    assert counts[4] == counts[1]
+
+
 def test_cli_end_to_end(shard_root, tmp_path, caplog):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(
