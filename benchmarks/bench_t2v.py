@@ -72,7 +72,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
-    cfg = from_dict(UNetConfig, UNET_PRESETS[preset])
+    cfg = from_dict(UNetConfig, {**UNET_PRESETS[preset], **json.loads(args.unet or "{}")})
     frames, lat = (
         args.frames or (16 if preset == "base" else 4),
         args.latent or (32 if preset == "base" else 8),
@@ -108,6 +108,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
             compile_norms(backend=args.compile_backend)
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
+            row |= {"preset": preset, "unet": json.loads(args.unet or "{}")}
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
             row |= {"kernels": kernels, "attention_backends": backends}
             row |= {"grad_checkpointing": args.ckpt if kind == "hdvg" else None}  # hdvg only
@@ -130,6 +131,8 @@ def bench_model(args, results: list[dict]) -> list[dict]:
                         step()
                         sync(device)
                     row["compile_s"] = time.perf_counter() - t0
+                    stats = torch._dynamo.utils.counters["stats"]
+                    row["compiled_graphs"] = stats["unique_graphs"]  # distinct graphs, fwd+bwd each
                 stage("warmup")
                 t_warm = time.perf_counter()
                 for _ in range(args.warmup):
@@ -439,6 +442,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--preset", choices=["base", "tiny"], default=None, help="default: by device")
+    p.add_argument(
+        "--unet", default=None, metavar="JSON",
+        help="overrides on the preset, e.g. the base structure at small widths for a CPU compile: "
+        '\'{"block_out_channels": [32, 64, 128, 128], "head_dim": 16, "norm_num_groups": 8}\'',
+    )  # fmt: skip
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--latent", type=int, default=None, help="latent height = width")
     p.add_argument(

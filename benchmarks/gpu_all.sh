@@ -5,11 +5,11 @@
 #     1. benchmarks/gpu_caption.sh (<= 190 s): the gpu-marked model tests, then the caption
 #        stage behind the CPU frame pool against the direct model loop (BLIP-2 OPT-2.7B shape),
 #        with and without a core kept for the actor (models.actor_cores), issue 3;
-#     2. benchmarks/gpu_compile.sh (the rest, ~370 s): the attention calls under each backend,
-#        then the training step compiled whole as pipelines/t2v-base.yaml runs it (inductor;
-#        the eager path is bounded near 37 % MFU, RESULTS.md), issue 7. On a 2-core CPU the
-#        same full-graph compile of the base U-Net's structure took 465 s, ~250 s of it Python
-#        (dynamo, AOT autograd, inductor's lowering) that a GPU host also runs;
+#     2. benchmarks/gpu_compile.sh (the rest, ~370 s): the training step compiled by inductor
+#        block by block (train.compile: regional; the eager path is bounded near 37 % MFU,
+#        RESULTS.md), issue 7. On a 2-core CPU the base U-Net's structure compiled that way in
+#        292 s, whole (train.compile: true) in 592 s (465 s in an earlier run), much of it
+#        Python (dynamo, AOT autograd, inductor's lowering) that a GPU host also runs;
 #   eager: 1. as above, then benchmarks/gpu_t2v.sh (<= 350 s): t2v gpu tests (the fused Triton
 #     kernels on CUDA), the attention benchmark, the eager step with aten, Triton kernels, the
 #     fastest attention backends and channels-last.

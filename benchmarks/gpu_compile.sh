@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The training step as pipelines/t2v-base.yaml runs it (train.compile: true: the whole U-Net
-# through torch.compile / inductor), timed on one H100/H200 with a compile budget no earlier
-# device slot had (each gave it 105-140 s, and it never finished): <= 540 s of command.
+# The training step compiled by inductor, timed on one H100/H200 with a compile budget no
+# earlier device slot had (each gave it 105-140 s, and it never finished): <= 540 s of command.
 # Inductor fuses the norms, GEGLU, casts and residual adds that bound the eager step
 # (RESULTS.md, issue 7: the eager path with the Triton kernels is bounded near 37 % MFU), so
-# this is the run that says how far the default config is from the 40 % target. The attention
-# benchmark runs first (~30 s) so that temporal attention takes the short-sequence Triton
-# kernel under compile too where it beat flash (its custom ops keep it in the graph), when the
-# budget is 450 s or more. gpu_all.sh runs it after the caption check with ~370 s.
-#   OUT=./bench_out bash benchmarks/gpu_compile.sh       (BUDGET=540 by default)
+# this is the run that says how far a compiled step is from the 40 % target.
+# COMPILE=regional (default): each res-block, temporal conv and attention block compiled apart
+# (train.compile: regional; the base U-Net's 93 blocks are 33 distinct graphs), which compiled
+# in half the time of the whole U-Net on a 2-core CPU (292 s against 592 s, RESULTS.md), so it
+# is the one that fits a device slot; COMPILE=full: the whole U-Net (train.compile: true, as
+# pipelines/t2v-base.yaml trains), for a call with the budget of its own.
+# The attention benchmark runs first (~30 s) so that temporal attention takes the
+# short-sequence Triton kernel under compile too where it beat flash (its custom ops keep it in
+# the graph), when the budget is 450 s or more. gpu_all.sh runs it after the caption check with
+# ~370 s.
+#   OUT=./bench_out bash benchmarks/gpu_compile.sh       (BUDGET=540, COMPILE=regional by default)
 # Writes $OUT/t2v_compile.json (compile_s, step_s, MFU, peak memory, GPU ms by kernel kind)
 # and $OUT/t2v_profile_compiled.hdvg.txt. Needs the repo and the .whl/ carry of gpu_all.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
 BUDGET="${BUDGET:-540}"
+COMPILE="${COMPILE:-regional}"  # regional | full
 mkdir -p "$OUT"
 source benchmarks/gpu_env.sh "av, diffusers, webdataset"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -29,12 +35,12 @@ if [ "$BUDGET" -ge 450 ]; then
 fi
 ATTN=$(python3 -c "import json,sys; a=json.load(open(sys.argv[1]))['attention_backends']
 print(','.join(x for x in a.split(',') if x.endswith('=triton')))" "$OUT/t2v_attention.json" 2>/dev/null)
-echo "attention under compile: ${ATTN:-SDPA everywhere, as inductor picks}"
+echo "compile: $COMPILE; attention under compile: ${ATTN:-SDPA everywhere, as inductor picks}"
 left=$((BUDGET - SECONDS - 10))
 # start-up + FLOP count ~25 s, compile up to what is left less ~60 s for 5 timed + 2 profiled
 # steps and the JSON
 timeout "$left" python3 benchmarks/bench_t2v.py model --batch 4 --steps 5 --warmup 1 \
-  --compile full --compile-timeout $((left - 60)) --json "$OUT/t2v_compile.json" \
+  --compile "$COMPILE" --compile-timeout $((left - 60)) --json "$OUT/t2v_compile.json" \
   ${ATTN:+--attention-backends "$ATTN"} --profile "$OUT/t2v_profile_compiled" \
   || echo "compiled bench failed or timed out: rc=$?"
 echo "results: $OUT/t2v_compile.json (${SECONDS}s)"

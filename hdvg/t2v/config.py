@@ -144,9 +144,10 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     # true / "full": torch.compile the whole U-Net; "regional": each block apart (identical
-    # blocks share code: 34 graphs for the base U-Net; unet.compile_regions; neither
-    # finished compiling within ~2 min on an H100 host, RESULTS.md); "norms": only the norms
-    # (layers.compile_norms), the rest eager; false: eager
+    # blocks share code: 33 graphs for the base U-Net, compiled in half the whole one's time
+    # on a CPU; unet.compile_regions; neither finished compiling within ~2 min on an H100
+    # host, RESULTS.md); "norms": only the norms (layers.compile_norms), the rest eager;
+    # false: eager
     compile: bool | str = False
     # "triton": the group / layer norms (+ SiLU) and GEGLU of CUDA tensors in fused kernels
     # (t2v/kernels.py: bf16 in and out, fp32 inside; the step's non-matmul memory traffic

@@ -287,9 +287,10 @@ def compile_regions(model: nn.Module, **compile_kwargs) -> int:
     (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html).
 
     Blocks of one class and shape share their compiled code (dynamo treats parameters as
-    inputs), so the base U-Net's 93 blocks compile as 34 graphs (forward + backward each):
-    fusion where the time goes (norm + SiLU + casts, GEGLU, residual adds) without the
-    whole-model graph that did not compile within 140 s (RESULTS.md, t2v). Shapes are static by default
+    inputs), so the base U-Net's 93 blocks compile as 33 graphs (forward + backward each):
+    fusion where the time goes (norm + SiLU + casts, GEGLU, residual adds) in half the
+    compile time of the whole-model graph (292 s against 592 s for the base structure on a
+    2-core CPU, RESULTS.md, t2v). Shapes are static by default
     (``dynamic=False``); each distinct block shape is one recompile, so dynamo's per-function
     limit is raised to cover them. Returns the number of blocks compiled.
     """
