@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdvg.t2v.config import T2VConfig
+from hdvg.t2v.config import ConfigError, T2VConfig
 from hdvg.t2v.layers import cached_casts, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.train import autocast, load_checkpoint, noise_scheduler, resolved_config
@@ -111,6 +111,41 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
     tmp.replace(path)
 
 
+def sampling_device(name: str | None) -> torch.device:
+    """``--device``: a torch device this machine has (default: cuda if available)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device: cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"--device {name}: no CUDA GPU on this machine")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"--device {name}: this machine has {n} CUDA GPU(s), cuda:0..{n - 1}")
+    return dev
+
+
+def output_path(out: str | Path) -> Path:
+    """``--out``: a file whose folder exists (made if need be) and is writable."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a directory: give a file, e.g. {path / 'sample.mp4'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make {path.parent}: {e.strerror}") from None
+    probe = path.with_name(path.name + ".part")  # where write_mp4 writes first
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {path.parent}: {e.strerror}") from None
+    return path
+
+
 def main(
     ckpt: str,
     prompt: str,
@@ -122,7 +157,8 @@ def main(
     device: str | None = None,
     negative_prompt: str | None = None,
 ) -> int:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = sampling_device(device)  # both checked before minutes of loading and denoising
+    out = output_path(out)
     cfg, unet, text_encoder, vae = load_for_sampling(ckpt, dev)
     sc = cfg.sample
     video = generate(

@@ -313,7 +313,12 @@ def main(
     rank, world, device, own_group = setup_distributed()
     is_main = rank == 0
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"--output {output} is a file, not a run dir") from None
+        except OSError as e:
+            raise ConfigError(f"--output {output}: cannot make the run dir: {e.strerror}") from None
 
     # seeds: everything stochastic in the loop draws from `gen` or the (saved) global RNGs
     random.seed(tc.seed + rank)

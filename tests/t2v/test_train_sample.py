@@ -276,6 +276,37 @@ def test_sample_counts_must_be_positive(flag, value, capsys):
     assert f"argument {flag}: must be a whole number >= 1, not '{value}'" in capsys.readouterr().err
 
 
+def test_cli_bad_output_or_device_exit_2_before_any_work(trained, tmp_path, capsys, caplog):
+    """`hdvg sample` / `hdvg train` check --out, --output and --device first: one line, exit 2,
+    nothing sampled (a directory as --out used to fail only after denoising, having written
+    DIR.part beside it)."""
+    from hdvg.t2v.cli import main as cli
+
+    ckpt = str(trained / "last.ckpt")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        (["--out", str(a_file / "v.mp4")], "cannot make"),
+        (["--out", str(tmp_path / "v.mp4"), "--device", "gpu"], "'gpu' is not a device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--out", str(tmp_path / "v.mp4"), "--device", "cuda"], "no CUDA GPU"))
+    for extra, reason in cases:
+        caplog.clear()
+        assert cli(["sample", "--ckpt", ckpt, "--prompt", "x", "--steps", "2", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hdvg sample: ") and reason in err[0], err
+        assert "denoising" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+    assert not (tmp_path.parent / f"{tmp_path.name}.part").exists()
+    cfg_path = tmp_path.parent / f"{tmp_path.name}-tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config_dict()))
+    assert cli(["train", str(cfg_path), "--shards", "x", "--output", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hdvg train: --output {a_file} is a file, not a run dir"]
+
+
 def test_register_adds_train_and_sample():
     import argparse
 
