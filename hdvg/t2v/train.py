@@ -516,6 +516,9 @@ def main(
             start_step + 1, step, wall, (step - start_step) / wall, float(loss.detach()),
             run_dir / "last.ckpt",
         )  # fmt: skip
+    elif is_main:  # a resumed run already at its end: say so rather than exit without a word
+        log.info("nothing to train: the run is at step %d and --steps / train.steps is %d; "
+                 "raise it to go on", step, total_steps)  # fmt: skip
     if world > 1:
         torch.distributed.barrier()
     if own_group:  # a group Ray Train made is Ray's to tear down

@@ -57,7 +57,7 @@ def test_tiny_model_overfits_a_few_clips(two_clips, tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
-def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, caplog):
     def cfg(**train) -> T2VConfig:
         c = micro_cfg(steps=4, ckpt_every=2, **train)
         c.data.num_workers = 2  # the stream's per-worker cursors are part of the state
@@ -80,6 +80,11 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch):
     for k, v in final["model"].items():
         assert torch.equal(v, ckpt["model"][k]), k
     assert yaml.safe_load((cut / "config.yaml").read_text())["data"]["num_workers"] == 2
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hdvg.t2v.train"):  # at its end already: says so
+        assert main(cfg(), str(shard_root), cut, steps=3, resume=True) == 0
+    assert "nothing to train: the run is at step 4 and --steps / train.steps is 3" in caplog.text
+    assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
 @pytest.fixture(scope="module")
