@@ -97,11 +97,11 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         use_attention_backends(backends)  # hdvg's Attention only
         fwd = model
         if compiled == "full":
-            fwd = torch.compile(model, backend=args.compile_backend)
+            fwd = torch.compile(model, backend=args.compile_backend, dynamic=args.compile_dynamic)
         elif compiled == "regional":  # in place; compiles lazily in the first step
             from hdvg.t2v.unet import compile_regions
 
-            compile_regions(model, backend=args.compile_backend)
+            compile_regions(model, backend=args.compile_backend, dynamic=args.compile_dynamic)
         elif compiled == "norms":  # the norms alone; the rest stays eager
             from hdvg.t2v.layers import compile_norms
 
@@ -459,6 +459,10 @@ def main() -> int:
     )
     p.add_argument("--compile-timeout", type=float, default=120, help="seconds for compiling")
     p.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check")
+    p.add_argument(
+        "--compile-dynamic", action="store_true",
+        help="symbolic sizes: one graph per block class instead of one per shape (fewer compiles)",
+    )  # fmt: skip
     p.add_argument(
         "--ckpt",
         nargs="?",
