@@ -32,6 +32,17 @@ def _curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 or -1 would silently mean "all" or "none")."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -43,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True, help="directory of videos or a source list")
     c.add_argument("--output", required=True, help="output folder (OUT)")
     c.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
-    c.add_argument("--limit", type=int, default=None, help="process only the first N sources")
+    c.add_argument(
+        "--limit", type=positive_int, default=None, help="process only the first N sources"
+    )
     c.add_argument("--retry-failed", action="store_true", help="re-attempt failed sources")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--executor", choices=["ray", "serial"], default=None)

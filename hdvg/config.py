@@ -243,14 +243,15 @@ def build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and bad types are errors."""
     if data is None:
         data = {}
+    at = f"{where}: " if where else "top level: "  # "" = the top of a pipeline config
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{at}expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            f"{at}unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     obj = cls(**kwargs)

@@ -31,13 +31,23 @@ def test_shipped_recipes_load(name):
         ({"filters": {"duration": {"minimum": 2}}}, "minimum"),
         ({"shards": {"max_samples": True}}, "shards.max_samples"),
         ({"cut": {"mode": "copy-ish"}}, "cut.mode"),
-        ({"bogus": 1}, "bogus"),
+        ({"bogus": 1}, "^top level: unknown key\\(s\\) bogus; known: clip_stages, "),
         ({"models": {"cpu_nice": 25}}, "models.cpu_nice"),
     ],
 )
 def test_bad_config_names_the_key(raw, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         from_dict(raw)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_curate_limit_must_be_positive(value, capsys):
+    from hdvg.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse, before a source is read or Ray started
+        main(["curate", "pipelines/smoke.yaml", "--input", "x", "--output", "y", "--limit", value])
+    assert e.value.code == 2
+    assert f"--limit: must be a whole number >= 1, not '{value}'" in capsys.readouterr().err
 
 
 def test_overrides_and_hash():

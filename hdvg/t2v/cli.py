@@ -8,6 +8,8 @@ import argparse
 import logging
 import sys
 
+from hdvg.cli import positive_int
+
 
 def _train(args: argparse.Namespace) -> int:
     from hdvg.t2v.config import load_config
@@ -42,17 +44,6 @@ def _sample(args: argparse.Namespace) -> int:
     )
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a whole number >= 1 (0 would silently mean "the config's value")."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return n
-
-
 def _guard(fn):
     """Bad config / missing input -> a one-line reason and exit status 2 (DESIGN: Exit status)."""
 
@@ -84,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True, help="run dir (checkpoints, metrics, config)")
     p.add_argument(
-        "--steps", type=_positive, default=None, help="total steps (default: train.steps)"
+        "--steps", type=positive_int, default=None, help="total steps (default: train.steps)"
     )
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
     r = p.add_argument_group(
@@ -108,8 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--ckpt", required=True, help="checkpoint, e.g. RUN_DIR/last.ckpt")
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", required=True, help="output .mp4")
-    s.add_argument("--frames", type=_positive, default=None)
-    s.add_argument("--steps", type=_positive, default=None, help="DDIM steps")
+    s.add_argument("--frames", type=positive_int, default=None)
+    s.add_argument("--steps", type=positive_int, default=None, help="DDIM steps")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--negative-prompt", default=None)
