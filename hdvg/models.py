@@ -223,6 +223,8 @@ def _cmd(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(json.dumps([asdict(r) | {"label": r.label} for r in refs], indent=2))
+    elif not refs:
+        print(f"{args.pipeline}: no stage needs model weights")
     else:
         rows = [("stage", "model", "looks in", "found")]
         rows += [(r.stage, r.model, r.where, "yes" if r.found else "NO") for r in refs]

@@ -23,6 +23,8 @@ from hdvg.records import Clip
 from hdvg.stages import build_stage
 from hdvg.stages.models import testing as T
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
@@ -272,6 +274,9 @@ def test_hdvg_models_lists_weights(tiny, tmp_path, capsys):
     assert found[("aesthetic", "missing.pth")] is False
     assert cli(["models", str(y), "--check"]) == 1
     assert "missing.pth" in capsys.readouterr().out
+    smoke = str(ROOT / "pipelines" / "smoke.yaml")  # weight-free stages only: said in words
+    assert cli(["models", smoke, "--check"]) == 0
+    assert capsys.readouterr().out == f"{smoke}: no stage needs model weights\n"
 
 
 def _recipe(tiny, **models):
