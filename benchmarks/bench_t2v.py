@@ -5,6 +5,7 @@
         [--kernels aten|triton] [--attention-backends temporal=math,...]
         [--baseline [--baseline-batch 8]] [--profile PREFIX] [--json OUT.json]
     python benchmarks/bench_t2v.py loader --clips 24 --json OUT.json
+    python benchmarks/bench_t2v.py ema [--unet JSON]
 
 ``model``: the swap-attention U-Net at the paper-like size (16 frames, 256x256 -> latent
 16x32x32, SD-2.x widths, random weights), bf16 autocast, one AdamW training step per
@@ -21,6 +22,8 @@ the first (compiling) step is timed apart as ``compile_s`` and given up after
 ``--profile PREFIX``: 2 more steps under torch.profiler on a GPU; the row gets GPU ms per step
 by kernel kind and the top kernels, ``PREFIX.<model>.txt`` the full table. Each row is written
 to ``--json`` as soon as it is measured. On a CPU it runs the tiny preset (a smoke run).
+
+``ema``: the trainer's EMA update per step (:func:`bench_ema`).
 
 ``loader``: hdvg-format shards of 640x360 H.264 clips; clips/s on one core for a plain PyAV
 decode of every frame against ``ShardClips`` (16 frames at 8 fps, 256x256 crop), and the
@@ -435,9 +438,62 @@ def bench_loader(args) -> dict:
     return row
 
 
+def bench_ema(args) -> dict:
+    """``train.EMA.update`` per step against a per-tensor ``lerp_`` loop over ``state_dict()``
+    (the update before) and, as the floor, one bare ``torch._foreach_lerp_`` over ready
+    lists: on the U-Net's structure (~1,500 tensors) at the widths given by ``--unet``
+    (small ones measure the per-tensor overhead, which a GPU step pays in launches)."""
+    from hdvg.t2v.config import UNET_PRESETS, UNetConfig, from_dict
+    from hdvg.t2v.train import EMA
+    from hdvg.t2v.unet import SwapUNet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or "base"
+    cfg = from_dict(UNetConfig, {**UNET_PRESETS[preset], **json.loads(args.unet or "{}")})
+    with torch.device(device):
+        model = SwapUNet(cfg)
+    ema = EMA(model, 0.9999)
+
+    @torch.no_grad()
+    def per_tensor() -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema.shadow[k].lerp_(v.float(), 1e-4)
+            else:
+                ema.shadow[k].copy_(v)
+
+    avg, src, _ = ema.groups(model)
+
+    def floor() -> None:
+        torch._foreach_lerp_(avg, src, 1e-4)
+
+    def timed(fn, n: int = 30) -> float:
+        for _ in range(3):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / n * 1e3
+
+    row = {"device": str(device), "preset": preset, "unet": json.loads(args.unet or "{}")}
+    row |= {
+        "tensors": len(model.state_dict()),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    row["floor_ms"] = timed(floor)
+    row["ema_update_ms"] = timed(lambda: ema.update(model, 10**6))
+    row["per_tensor_loop_ms"] = timed(per_tensor)
+    row |= {k.replace("_ms", "_vs_floor"): row[k] / row["floor_ms"]
+            for k in ("ema_update_ms", "per_tensor_loop_ms")}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["model", "loader", "all"])
+    p.add_argument("what", choices=["model", "loader", "ema", "all"])
     p.add_argument("--batch", type=int, nargs="+", default=[4, 8, 12, 16])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -518,6 +574,8 @@ def main() -> int:
         rows = out["model"] = bench_model(args, rows)
     if args.what in ("loader", "all"):
         out["loader"] = bench_loader(args)
+    if args.what in ("ema", "all"):
+        out["ema"] = bench_ema(args)
     save()
     return 0
 

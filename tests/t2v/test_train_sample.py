@@ -87,6 +87,35 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
+def test_ema_follows_the_per_tensor_formula():
+    """EMA.update (multi-tensor lerp over lists built once) equals the plain per-tensor
+    update, skips frozen weights (whose average is themselves), copies integer buffers, and
+    rebuilds its lists when the shadow dict is replaced (a resume)."""
+    from hdvg.t2v.train import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[1].requires_grad_(False)
+    model.register_buffer("count", torch.zeros((), dtype=torch.long))
+    ema, ref = EMA(model, 0.9), {k: v.clone() for k, v in EMA(model, 0.9).shadow.items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(1, 5):
+        model(torch.randn(3, 4)).square().sum().backward()
+        opt.step()
+        model.count += 1
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            ref[k] = ref[k].lerp(v.float(), 1 - d) if v.dtype.is_floating_point else v.clone()
+        for k in ref:
+            assert torch.allclose(ema.shadow[k], ref[k].float(), rtol=0, atol=1e-7), (step, k)
+        assert ema.shadow["count"].item() == step
+        if step == 2:  # a resume hands it a new dict: later updates must land in that one
+            ema.shadow = {k: v.clone() for k, v in ema.shadow.items()}
+    assert not torch.equal(ema.shadow["0.weight"], model[0].weight)  # an average, not a copy
+    assert torch.equal(ema.shadow["1.weight"], model[1].weight)  # frozen: itself
+
+
 @pytest.fixture(scope="module")
 def trained(shard_root, tmp_path_factory) -> Path:
     from hdvg.t2v import layers
