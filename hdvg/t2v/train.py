@@ -445,6 +445,9 @@ def main(
             "versions": {"torch": torch.__version__},
         }
 
+    with torch.no_grad(), autocast(device, tc.precision):  # the frozen encoder's "" prompt
+        empty_text = encode_prompts(text_encoder, [""], device).float()  # (1, L, D)
+
     t_last = t_start = time.perf_counter()
     start_step = step
     first = step + 1  # a compiled U-Net compiles in this step: say so, and how long it took
@@ -467,12 +470,12 @@ def main(
                 with autocast(device, tc.precision):
                     parts.append(vae.encode(video, generator=gen))  # (Bv, c, F, h, w)
             latents = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, c, F, h, w)
-            drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout
-            captions = [
-                "" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)
-            ]
+            drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout  # (B,)
             with autocast(device, tc.precision):
-                text = encode_prompts(text_encoder, captions, device).float()  # (B, L, D)
+                text = encode_prompts(text_encoder, batch["caption"], device).float()  # (B,L,D)
+            # classifier-free guidance: dropped captions become "" on the device (reading
+            # `drop` on the host would wait for the GPU to finish the previous step first)
+            text = torch.where(drop.view(b, 1, 1), empty_text, text)  # (B, L, D)
             noise = torch.randn(latents.shape, generator=gen, device=device)
             t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
             a = alphas[t].view(b, 1, 1, 1, 1)

@@ -87,6 +87,38 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_caption_dropout_swaps_in_the_empty_prompt(shard_root, tmp_path, dropout):
+    """train.cfg_dropout: a dropped caption reaches the U-Net as the "" prompt's embedding
+    (swapped in on the device), a kept one as its own."""
+    from hdvg.t2v.text import build_text_encoder, encode_prompts
+    from hdvg.t2v.unet import SwapUNet
+
+    seen = []
+
+    def spy(module, args):
+        if isinstance(module, SwapUNet):
+            seen.append(args[2].detach().clone())  # (B, L, D) text
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    try:
+        cfg = micro_cfg(steps=2, ckpt_every=100, cfg_dropout=dropout)
+        assert main(cfg, str(shard_root), tmp_path / "run") == 0
+    finally:
+        hook.remove()
+    enc = build_text_encoder(micro_cfg().text_encoder)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    enc.load_state_dict(ckpt["frozen"]["text_encoder"])
+    with torch.no_grad():
+        empty = encode_prompts(enc, [""], torch.device("cpu"))[0]
+    assert len(seen) == 2 and all(len(t) == 2 for t in seen)  # 2 steps of batch 2
+    is_empty = [torch.allclose(row, empty, atol=1e-5) for text in seen for row in text]
+    if dropout == 1.0:
+        assert all(is_empty)
+    else:  # the clips' own captions (one of the test clips has none: "")
+        assert not all(is_empty)
+
+
 def test_ema_follows_the_per_tensor_formula():
     """EMA.update (multi-tensor lerp over lists built once) equals the plain per-tensor
     update, skips frozen weights (whose average is themselves), copies integer buffers, and
