@@ -161,5 +161,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
 
 @torch.no_grad()
 def encode_prompts(encoder: nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
-    tokens = encoder.tokenize(list(prompts)).to(device)
-    return encoder(tokens)  # (B, L, D)
+    tokens = encoder.tokenize(list(prompts))  # (B, L) on the host
+    if device.type == "cuda":  # a plain copy waits for the GPU's queue to drain first
+        tokens = tokens.pin_memory()
+    return encoder(tokens.to(device, non_blocking=True))  # (B, L, D)

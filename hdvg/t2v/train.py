@@ -463,7 +463,8 @@ def main(
         with torch.no_grad():
             parts = []  # stored latents first, then the clips encoded here (collate_clips)
             if "latents" in batch:
-                parts.append(batch["latents"].to(device).float())  # (Bl, c, F, h, w)
+                # pinned by the loader: no host sync, as for the video below
+                parts.append(batch["latents"].to(device, non_blocking=True).float())  # (Bl,c,F,h,w)
                 check_latents(parts[0].shape, cfg, vae)
             if "video" in batch:
                 video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
