@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 source benchmarks/gpu_env.sh "av, diffusers, webdataset"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 nproc
+# ~10 s: the trainer's per-step inputs and EMA queue on the GPU without a host sync
+timeout 40 python3 -m pytest -q -p no:cacheprovider tests/t2v/test_gpu.py -k host_sync 2>&1 | tail -2
 # every attention call of the step under each backend (~30 s): under compile only a "triton"
 # pick holds (the short-sequence kernel is a custom op inductor calls as it is; the SDPA
 # choice is inductor's), so the compiled step takes the kernel where it won

@@ -84,3 +84,34 @@ def test_triton_kernels_bf16_cuda_match_aten():
     assert (got - want).abs().max() / want.abs().mean() < 5e-2
     for a, b in zip(ref, grads, strict=True):
         assert (a - b).norm() <= 5e-2 * a.norm() + 1e-6
+
+
+def test_step_inputs_queue_without_a_host_sync():
+    """The per-step work around the U-Net -- caption tokens to the GPU, the caption-dropout
+    swap, stored latents to the GPU, the EMA update -- must not wait for the GPU's queue to
+    drain (each such wait let the GPU idle while the next step was being queued)."""
+    from hdvg.t2v.config import TextEncoderConfig
+    from hdvg.t2v.text import build_text_encoder, encode_prompts
+    from hdvg.t2v.train import EMA
+    from tests.t2v.conftest import TINY_OPEN_CLIP
+
+    dev = torch.device("cuda")
+    enc = build_text_encoder(TextEncoderConfig(max_length=16, random_init=dict(TINY_OPEN_CLIP)))
+    enc = enc.to(dev)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).to(dev)
+    ema = EMA(model, 0.999)
+    latents = torch.randn(2, 4, 4, 8, 8).pin_memory()  # as the loader hands them over
+    gen = torch.Generator(dev).manual_seed(0)
+    empty = encode_prompts(enc, [""], dev)
+    ema.update(model, 1)  # builds its lists (once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        text = encode_prompts(enc, ["a red car", "a zoom"], dev)
+        drop = torch.rand(2, generator=gen, device=dev) < 0.5
+        text = torch.where(drop.view(2, 1, 1), empty, text)
+        lat = latents.to(dev, non_blocking=True).float()
+        ema.update(model, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert text.shape[0] == 2 and lat.shape == (2, 4, 4, 8, 8)
