@@ -448,6 +448,18 @@ def main(
     with torch.no_grad(), autocast(device, tc.precision):  # the frozen encoder's "" prompt
         empty_text = encode_prompts(text_encoder, [""], device).float()  # (1, L, D)
 
+    def write_row(row: dict[str, Any]) -> None:
+        """One metrics.jsonl row (and progress line), its tensors read now."""
+        keys: list[Any] = [row["keys"]]
+        if world > 1:
+            keys = [None] * world
+            torch.distributed.all_gather_object(keys, row["keys"])
+        row |= {"loss": float(row["loss"]), "grad_norm": float(row["grad_norm"]), "keys": keys}
+        metrics.write(row)
+        if is_main:
+            log.info(progress_line(row, total_steps))
+
+    pending: dict[str, Any] | None = None  # the row of the last step, written after the next
     t_last = t_start = time.perf_counter()
     start_step = step
     first = step + 1  # a compiled U-Net compiles in this step: say so, and how long it took
@@ -500,21 +512,24 @@ def main(
         if step == first and tc.compile and is_main:
             log.info("step %d (with the compile) took %.1f s", step, time.perf_counter() - t0)
 
+        # a step's row is written once the next step is queued: reading its loss waits for
+        # that step only, while the GPU already has the next one (a row read at once would
+        # make every step wait for the GPU to drain before the next could be queued)
+        if pending is not None:
+            write_row(pending)
+            pending = None
         if step % tc.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
             t_last = now
             loss_val = loss.detach()
-            keys: list[Any] = [batch["key"]]
-            if world > 1:
+            if world > 1:  # queued on the GPU like the step: no wait here
                 torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
-                keys = [None] * world
-                torch.distributed.all_gather_object(keys, batch["key"])
-            row = {
+            pending = {
                 "step": step,
-                "loss": float(loss_val),
+                "loss": loss_val,  # tensors until written
                 "lr": lr_sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm.detach(),
                 "it_s": 1.0 / dt,
                 "samples_s": b * world / dt,
                 "data_wait_s": data_wait,
@@ -523,14 +538,14 @@ def main(
                 "skipped_bad_shard": int(batch["skipped_bad_shard"].max()),  # reads broken off
                 # which clips this step trained on, per rank: a loss spike leads to its clips
                 # (and through the manifest to their sources)
-                "keys": keys,
+                "keys": batch["key"],
             }
             if device.type == "cuda":
-                row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics.write(row)
-            if is_main:
-                log.info(progress_line(row, total_steps))
+                pending["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if step % tc.ckpt_every == 0 or step == total_steps:
+            if pending is not None:  # a checkpoint's metrics.jsonl holds its own step
+                write_row(pending)
+                pending = None
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)

@@ -119,6 +119,31 @@ def test_caption_dropout_swaps_in_the_empty_prompt(shard_root, tmp_path, dropout
         assert not all(is_empty)
 
 
+def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
+    """A step's row (its loss read from the device) is written once the next step's work is
+    queued, so the GPU never drains between steps for logging; a checkpoint step and the
+    last step are written at once, and every step still gets its row."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from hdvg.t2v import train
+
+    steps_done, written = [0], []
+    hook = register_optimizer_step_post_hook(
+        lambda *a: steps_done.__setitem__(0, steps_done[0] + 1)
+    )
+    write = train.Metrics.write
+    monkeypatch.setattr(train.Metrics, "write",
+                        lambda self, row: (written.append((row["step"], steps_done[0])),
+                                           write(self, row))[1])  # fmt: skip
+    try:
+        assert main(micro_cfg(steps=5, ckpt_every=3), str(shard_root), tmp_path / "run") == 0
+    finally:
+        hook.remove()
+    # (row's step, optimizer steps taken when it was written)
+    assert written == [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5)]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+
 def test_ema_follows_the_per_tensor_formula():
     """EMA.update (multi-tensor lerp over lists built once) equals the plain per-tensor
     update, skips frozen weights (whose average is themselves), copies integer buffers, and
