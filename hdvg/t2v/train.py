@@ -374,7 +374,9 @@ def main(
         for m in unet.swap_modules():
             m.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    # fused on CUDA (one kernel group per step, as benchmarks/bench_t2v.py times the step)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
+                                  fused=device.type == "cuda")  # fmt: skip
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
     )

@@ -88,8 +88,9 @@ def test_triton_kernels_bf16_cuda_match_aten():
 
 def test_step_inputs_queue_without_a_host_sync():
     """The per-step work around the U-Net -- caption tokens to the GPU, the caption-dropout
-    swap, stored latents to the GPU, the EMA update -- must not wait for the GPU's queue to
-    drain (each such wait let the GPU idle while the next step was being queued)."""
+    swap, stored latents to the GPU, gradient clipping, the fused AdamW step, the schedule,
+    the EMA update -- must not wait for the GPU's queue to drain (each such wait let the GPU
+    idle while the next step was being queued)."""
     from hdvg.t2v.config import TextEncoderConfig
     from hdvg.t2v.text import build_text_encoder, encode_prompts
     from hdvg.t2v.train import EMA
@@ -100,10 +101,14 @@ def test_step_inputs_queue_without_a_host_sync():
     enc = enc.to(dev)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).to(dev)
     ema = EMA(model, 0.999)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     latents = torch.randn(2, 4, 4, 8, 8).pin_memory()  # as the loader hands them over
     gen = torch.Generator(dev).manual_seed(0)
     empty = encode_prompts(enc, [""], dev)
     ema.update(model, 1)  # builds its lists (once)
+    model(torch.randn(4, 8, device=dev)).sum().backward()
+    opt.step()  # the optimizer's state is made in its first step
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -111,6 +116,11 @@ def test_step_inputs_queue_without_a_host_sync():
         drop = torch.rand(2, generator=gen, device=dev) < 0.5
         text = torch.where(drop.view(2, 1, 1), empty, text)
         lat = latents.to(dev, non_blocking=True).float()
+        loss = model(torch.randn(4, 8, device=dev, generator=gen)).square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.step()  # fused AdamW, as the trainer builds it on CUDA
+        sched.step()
         ema.update(model, 2)
     finally:
         torch.cuda.set_sync_debug_mode(0)
