@@ -419,7 +419,10 @@ def main(
     torch.backends.cudnn.benchmark = tc.cudnn_benchmark  # process-wide too; no-op on the CPU
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            unet, device_ids=[device.index] if device.type == "cuda" else None
+            unet,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # gradients live in the all-reduce buckets: no copy of every gradient each step
+            gradient_as_bucket_view=True,
         )
     if tc.compile in (True, "full"):
         model = torch.compile(model)
