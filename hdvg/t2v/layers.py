@@ -49,7 +49,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-_weight_casts: dict | None = None  # (id, dtype) -> (version, cast); only inside cached_casts()
+_weight_casts: dict | None = None  # (id, dtype) -> (tensor, version, cast), in cached_casts()
 
 
 @contextlib.contextmanager
