@@ -35,6 +35,11 @@ BENCH="python benchmarks/bench_t2v.py model --json $JSON --batch 4"
 timeout 110 python -m pytest tests/t2v/test_gpu.py tests/t2v/test_kernels.py -q -p no:cacheprovider \
   -k "not build_for_an_h100 and not compiled" 2>&1 | tail -8 | tee "$OUT/t2v_gpu_tests.txt"
 
+# 1b. the EMA update of the base U-Net (~1,500 tensors) against a per-tensor loop and a bare
+#     multi-tensor lerp (~15 s)
+timeout 30 python benchmarks/bench_t2v.py ema --json "$OUT/t2v_ema.json" 2>&1 | tail -1 \
+  || echo "ema bench failed or timed out: rc=$?"
+
 # 2. every attention call of the step under each SDPA backend (~30 s): per kind the fastest, as a
 #    --attention-backends value (empty when flash wins everywhere)
 timeout 45 python benchmarks/bench_attention.py --batch 4 --json "$OUT/t2v_attention.json" \
