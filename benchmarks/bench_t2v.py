@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,7 +96,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         kernels = args.kernels if kind == "hdvg" else "aten"
         use_kernels(kernels)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
         use_attention_backends()  # FLOPs counted on SDPA (the counter does not see Triton's)
-        flop_per_sample = count_flops(model, cfg, frames, lat, device, args)  # eager, uncompiled
+        flop_per_sample, aten_ops = count_flops(model, cfg, frames, lat, device, args)  # eager
         backends = parse_backends(args.attention_backends) if kind == "hdvg" else {}
         use_attention_backends(backends)  # hdvg's Attention only
         fwd = model
@@ -112,6 +113,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
         for b in batches:
             row = {"model": kind, "params": params, "batch": b, "frames": frames}
             row |= {"preset": preset, "unet": json.loads(args.unet or "{}")}
+            row["aten_ops_fwd_bwd"] = aten_ops  # eager, before compile; the optimizer's apart
             row |= {"latent": [lat, lat], "compiled": compiled, "channels_last": args.channels_last}
             row |= {"kernels": kernels, "attention_backends": backends}
             row |= {"grad_checkpointing": args.ckpt if kind == "hdvg" else None}  # hdvg only
@@ -228,16 +230,30 @@ def make_inputs(b: int, cfg, frames: int, lat: int, device: torch.device, args):
     return x, t, text
 
 
-def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -> float:
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: each is at least one kernel launch on a GPU,
+    so this is the host work an eager step has to queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -> tuple:
     """Model FLOPs of one sample's forward+backward (no recompute counted): FLOPs are linear
-    in the batch, and a batch-1 count cannot run out of memory where the timed loop did not."""
+    in the batch, and a batch-1 count cannot run out of memory where the timed loop did not.
+    Also the aten ops of that forward+backward (eager; the batch does not change it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x, t, text = make_inputs(1, cfg, frames, lat, device, args)
     ckpt = getattr(model, "set_gradient_checkpointing", None)
     if ckpt:
         ckpt(False)
-    with FlopCounterMode(display=False) as fc:  # eager model: counts every op
+    with FlopCounterMode(display=False) as fc, OpCounter() as oc:  # eager: counts every op
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(x, t, text)
             out = out if torch.is_tensor(out) else out.sample
@@ -245,7 +261,7 @@ def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -
     if ckpt:
         ckpt(args.ckpt, args.ckpt_levels)
     model.zero_grad(set_to_none=True)
-    return float(fc.get_total_flops())
+    return float(fc.get_total_flops()), oc.ops
 
 
 KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuDNN conv kernels say "gemm" too
