@@ -71,9 +71,9 @@ def cast_weight(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     cache = _weight_casts
     if cache is None or t.dtype == dtype or torch.is_grad_enabled():
         return t.to(dtype)
-    key = (id(t), dtype)
+    key = (id(t), dtype)  # the entry holds `t`, so no other tensor takes its id meanwhile
     hit = cache.get(key)
-    if hit is None or hit[0] is not t or hit[1] != t._version:
+    if hit is None or hit[1] != t._version:
         hit = cache[key] = (t, t._version, t.to(dtype))
     return hit[2]
 

@@ -86,6 +86,11 @@ def generate(
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
 
 
+def _part(path: Path) -> Path:
+    """Where a video is written before it is renamed to ``path``."""
+    return path.with_name(path.name + ".part")
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
     """H.264 yuv420p (odd sizes padded by one pixel), single-threaded for byte-stable output."""
     from fractions import Fraction
@@ -98,7 +103,7 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    tmp = _part(path)
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
@@ -137,7 +142,7 @@ def output_path(out: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot make {path.parent}: {e.strerror}") from None
-    probe = path.with_name(path.name + ".part")  # where write_mp4 writes first
+    probe = _part(path)  # where write_mp4 writes first
     try:
         probe.touch()
         probe.unlink()

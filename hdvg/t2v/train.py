@@ -450,7 +450,7 @@ def main(
             "versions": {"torch": torch.__version__},
         }
 
-    with torch.no_grad(), autocast(device, tc.precision):  # the frozen encoder's "" prompt
+    with autocast(device, tc.precision):  # the frozen encoder's "" prompt (no grad: its own)
         empty_text = encode_prompts(text_encoder, [""], device).float()  # (1, L, D)
 
     def write_row(row: dict[str, Any]) -> None:
@@ -523,6 +523,7 @@ def main(
         if pending is not None:
             write_row(pending)
             pending = None
+        checkpoint = step % tc.ckpt_every == 0 or step == total_steps
         if step % tc.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
@@ -530,7 +531,7 @@ def main(
             loss_val = loss.detach()
             if world > 1:  # queued on the GPU like the step: no wait here
                 torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
-            pending = {
+            row = {
                 "step": step,
                 "loss": loss_val,  # tensors until written
                 "lr": lr_sched.get_last_lr()[0],
@@ -546,11 +547,12 @@ def main(
                 "keys": batch["key"],
             }
             if device.type == "cuda":
-                pending["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if step % tc.ckpt_every == 0 or step == total_steps:
-            if pending is not None:  # a checkpoint's metrics.jsonl holds its own step
-                write_row(pending)
-                pending = None
+                row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if checkpoint:  # a checkpoint's metrics.jsonl holds its own step
+                write_row(row)
+            else:
+                pending = row
+        if checkpoint:
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
