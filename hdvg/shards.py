@@ -22,6 +22,17 @@ CORE = ("json", "mp4", "txt")  # every sample's members
 EXTRA_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*")  # e.g. "latents.npy"
 
 
+def staging_path(path: Path, tag: str = "tmp") -> Path:
+    """Where `path` is written before its rename: `.{name}.{tag}.tmp` beside it.
+
+    Hidden (a leading dot), so whoever reads the folder while a run is writing, or after one
+    was killed, sees only complete files: pyarrow and Ray read a directory of parts skipping
+    dot files, and shard globs never match it. Ending in `.tmp`, so a rerun deletes it.
+    """
+    suffix = f".{tag}.tmp" if tag != "tmp" else ".tmp"
+    return path.with_name(f".{path.name}{suffix}")
+
+
 def _padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
@@ -37,7 +48,7 @@ class ShardWriter:
         self.index = index
         self.name = shard_name(index)
         self.final = self.dir / self.name
-        self.tmp = self.dir / (self.name + ".tmp")
+        self.tmp = staging_path(self.final)
         self.mtime = mtime
         self._f = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)

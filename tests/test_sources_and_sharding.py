@@ -99,3 +99,40 @@ def test_fsspec_source_and_shard_targets(tmp_path, media_dir, ray_local):
     out = tmp_path / "bytes"
     curate(cfg, str(listing), out, quiet=True)
     assert len(list((out / "shards").glob("shard-*.tar"))) == 4
+
+
+def test_a_commit_killed_before_its_renames_stays_invisible(tmp_path, monkeypatch):
+    """Parts being written (or left by a killed run) are hidden from whoever reads the
+    manifest folders meanwhile -- pyarrow on the directory, the DuckDB views -- and the
+    next run deletes them."""
+    import os
+
+    from hdvg.manifest.read import connect
+    from hdvg.manifest.writer import DatasetWriter, Ledger
+    from hdvg.records import SourceRecord, SourceResult
+
+    out = tmp_path / "out"
+    meta = {"pipeline_version": "test", "config_hash": "h"}
+    w = DatasetWriter(out, meta, [])
+    w.add(SourceResult(SourceRecord("s0", "u0", 0, status="failed", reason="not_found")))
+    w.commit()
+    real = os.replace
+
+    def killed_at_the_sources_rename(src, dst):
+        if Path(dst).parent.name == "sources":
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr("hdvg.manifest.writer.os.replace", killed_at_the_sources_rename)
+    w.add(SourceResult(SourceRecord("s1", "u1", 1, status="failed", reason="not_found")))
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.undo()
+    left = sorted(p.name for p in (out / "manifest" / "sources").iterdir())
+    assert left == [".part-000001.parquet.tmp", "part-000000.parquet"]
+    assert pq.read_table(out / "manifest" / "sources").column("source_id").to_pylist() == ["s0"]
+    assert connect(out).sql("SELECT source_id FROM sources").fetchall() == [("s0",)]
+    ledger = Ledger(out)  # what a rerun does first
+    assert ledger.done_sources == {"s0": "failed"} and ledger.next_part == 1
+    for d in ("clips", "sources"):  # the tmp half and the clips half renamed alone are gone
+        assert sorted(p.name for p in (out / "manifest" / d).iterdir()) == ["part-000000.parquet"]

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..shards import staging_path
 from .read import Out, connect, open_out
 from .schema import CLIP_COLUMNS
 
@@ -310,8 +311,8 @@ def render_card(d: dict[str, Any], c: dict[str, Any]) -> str:
 def _write(o: Out, name: str, text: str) -> str:
     path = o.path(name)
     if o.local:
-        tmp = path + ".tmp"
-        Path(tmp).write_text(text, encoding="utf-8")
+        tmp = staging_path(Path(path))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     else:
         with o.fs.open(path, "w", encoding="utf-8") as f:

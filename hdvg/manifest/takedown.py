@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..shards import ShardWriter
+from ..shards import ShardWriter, staging_path
 from .read import Out, connect, open_out
 
 SHARD_RE = re.compile(r"shard-(\d{6})\.tar$")
@@ -83,7 +83,7 @@ def mp4_offsets(path: Path) -> tuple[dict[str, int], int]:
 
 
 def rewrite_shard(path: Path, drop: set[str], mtime: int) -> tuple[ShardWriter, dict[str, int]]:
-    """Write `path` without the samples in `drop` to `path.tmp`; returns the (closed, not
+    """Write `path` without the samples in `drop` to `.{name}.tmp`; returns the (closed, not
     yet committed) writer and the new mp4 offsets of the kept samples."""
     m = SHARD_RE.search(path.name)
     if not m:
@@ -187,7 +187,7 @@ def takedown(
                     row.update(new)
                     changed = True
             if changed:
-                tmp = p.with_name(p.name + ".takedown.tmp")
+                tmp = staging_path(p, "takedown")
                 pq.write_table(pa.Table.from_pylist(data, schema=t.schema), tmp)
                 part_tmps.append((tmp, p))
     except BaseException:

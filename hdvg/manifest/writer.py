@@ -2,9 +2,10 @@
 
 Commit protocol (see DESIGN.md "Invariants"): a shard only ever holds whole sources; when
 it closes, its tar and the manifest parts holding the rows of its sources are written to
-temporary names, then the shard is renamed, then the parts. On restart, `.tmp` files and
-shards that no manifest part references are deleted, and sources with committed rows are
-skipped: a killed run, rerun, finishes the work without duplicates.
+hidden temporary names (`.{name}.tmp`, see `staging_path`), then the shard is renamed, then
+the parts. On restart, `.tmp` files and shards that no manifest part references are
+deleted, and sources with committed rows are skipped: a killed run, rerun, finishes the
+work without duplicates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..records import Clip, SourceRecord, SourceResult
-from ..shards import ShardWriter
+from ..shards import ShardWriter, staging_path
 from .schema import SCHEMA_VERSION, clips_schema, sources_schema
 
 PART_RE = re.compile(r"part-(\d{6})\.parquet$")
@@ -182,8 +183,9 @@ class DatasetWriter:
             shard.close()
         part = f"part-{self.part_index:06d}.parquet"
         self.part_index += 1
-        clips_tmp = self.out / "manifest" / "clips" / (part + ".tmp")
-        sources_tmp = self.out / "manifest" / "sources" / (part + ".tmp")
+        clips_final = self.out / "manifest" / "clips" / part
+        sources_final = self.out / "manifest" / "sources" / part
+        clips_tmp, sources_tmp = staging_path(clips_final), staging_path(sources_final)
         rows = sorted(self.clip_rows, key=lambda r: r["clip_id"])
         pq.write_table(
             pa.Table.from_pylist(rows, schema=clips_schema(self.score_columns)), clips_tmp
@@ -192,8 +194,8 @@ class DatasetWriter:
         if shard is not None:
             shard.commit()
             self.shards_written.append(shard.name)
-        os.replace(clips_tmp, clips_tmp.with_suffix(""))
-        os.replace(sources_tmp, sources_tmp.with_suffix(""))
+        os.replace(clips_tmp, clips_final)
+        os.replace(sources_tmp, sources_final)
         for _, path, _, _, extras in self.pending:
             for p in (path, *extras.values()):
                 p.unlink(missing_ok=True)
@@ -218,7 +220,7 @@ def drop_failed_sources(out: Path, ledger: Ledger) -> list[str]:
             keep = [sid not in failed for sid in t.column("source_id").to_pylist()]
             if all(keep):
                 continue
-            tmp = p.with_name(p.name + ".rewrite")
+            tmp = staging_path(p, "rewrite")
             pq.write_table(t.filter(pa.array(keep)), tmp)
             os.replace(tmp, p)
     return sorted(failed)
