@@ -146,3 +146,31 @@ def test_schema_version_mismatch_says_what_to_do(curated, tmp_path, capsys):
 def test_not_an_output(tmp_path, capsys):
     assert main(["manifest", "query", str(tmp_path), "SELECT 1"]) == 2
     assert "no manifest/" in capsys.readouterr().err
+
+
+def test_query_is_read_only(curated, tmp_path, capsys):
+    """Audits read; COPY / EXPORT / ATTACH / CREATE -- also behind EXPLAIN ANALYZE, which runs
+    what it explains -- are refused before anything runs, so nothing is written anywhere."""
+    target = tmp_path / "leak.csv"
+    for sql in (
+        f"COPY clips TO '{target}'",
+        f"EXPLAIN ANALYZE COPY (SELECT * FROM clips) TO '{target}'",
+        f"/* audit */ EXPLAIN (ANALYZE) COPY clips TO '{target}'",
+        f"EXPORT DATABASE '{tmp_path / 'db'}'",
+        f"ATTACH '{tmp_path / 'x.duckdb'}'",
+        "CREATE TABLE t AS SELECT * FROM clips",
+        "SELECT 1; SELECT 2",
+    ):
+        assert main(["manifest", "query", str(curated), sql]) == 2, sql
+        assert "manifest query" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # what an audit does still runs: plans, descriptions, and joins with the auditor's own files
+    ((url,),) = _one(curated, "SELECT source_url FROM sources LIMIT 1")
+    (tmp_path / "urls.csv").write_text(f"url\n{url}\n")
+    for sql in (
+        "EXPLAIN ANALYZE SELECT count(*) FROM clips",
+        "DESCRIBE clips",
+        f"SELECT count(*) FROM sources JOIN read_csv('{tmp_path / 'urls.csv'}') u ON u.url = sources.source_url",
+    ):  # fmt: skip
+        assert main(["manifest", "query", str(curated), sql, "--format", "csv"]) == 0, sql
+    assert capsys.readouterr().out.rstrip().endswith("\n1")
