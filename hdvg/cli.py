@@ -46,7 +46,13 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="hdvg", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="hdvg",
+        description="Curate web video into a captioned HD text-video dataset (WebDataset shards"
+        " + Parquet manifests), audit it, and train / sample a swap-attention text-to-video"
+        " model on it.",
+        epilog="`hdvg COMMAND --help` for each command; the README has worked examples.",
+    )
     p.add_argument("--version", action="version", version=f"hdvg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("curate", help="run a curation pipeline: sources -> shards + manifests")
@@ -59,8 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--retry-failed", action="store_true", help="re-attempt failed sources")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    c.add_argument("--executor", choices=["ray", "serial"], default=None)
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument(
+        "--executor", choices=["ray", "serial"], default=None,
+        help="ray (default: Ray Data stages) or serial (one process, no Ray: for debugging)",
+    )  # fmt: skip
+    c.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing on stderr; the summary is still in OUT/run.json",
+    )
     c.set_defaults(func=_curate)
     for mod in ("hdvg.manifest.cli", "hdvg.models", "hdvg.t2v.cli"):
         try:

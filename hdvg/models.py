@@ -239,6 +239,6 @@ def register(sub) -> None:
     p = sub.add_parser("models", help="which model each stage uses, weights found or not")
     p.add_argument("pipeline", nargs="?", help="pipeline YAML (default: every model stage)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="a JSON list, an object per stage")
     p.add_argument("--check", action="store_true", help="exit 1 when any weights are missing")
     p.set_defaults(func=_cmd)

@@ -90,17 +90,17 @@ def register(sub) -> None:
     q.set_defaults(func=_query)
 
     s = msub.add_parser("show", help="full lineage of one clip")
-    s.add_argument("out")
-    s.add_argument("clip_id")
+    s.add_argument("out", help="output folder (OUT): a path or an fsspec URL")
+    s.add_argument("clip_id", help="a clips row's clip_id (= its WebDataset key)")
     s.add_argument("--format", choices=["text", "json"], default="text")
     s.set_defaults(func=_show)
 
     v = msub.add_parser("verify", help="shards vs manifest: offsets, sizes, sha256, members")
-    v.add_argument("out")
+    v.add_argument("out", help="output folder (OUT): a path or an fsspec URL")
     v.set_defaults(func=_verify)
 
     t = msub.add_parser("takedown", help="remove clips from the shards; rows marked removed")
-    t.add_argument("out")
+    t.add_argument("out", help="output folder (OUT), local")
     g = t.add_argument_group("what to remove (one or more)")
     g.add_argument("--source", action="append", metavar="URL", help="every clip of this source")
     g.add_argument("--clip", action="append", metavar="ID", help="one clip (repeatable)")
@@ -108,7 +108,7 @@ def register(sub) -> None:
     t.set_defaults(func=_takedown_checked(t))
 
     r = sub.add_parser("report", help="OUT/report.html (plots, thumbnails) + OUT/DATASET_CARD.md")
-    r.add_argument("out")
+    r.add_argument("out", help="output folder (OUT): a path or an fsspec URL")
     r.add_argument("--thumbnails", type=int, default=24, help="how many sample thumbnails")
     r.set_defaults(func=_report)
 

@@ -97,13 +97,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = subparsers.add_parser("sample", help="sample a video from a t2v checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint, e.g. RUN_DIR/last.ckpt")
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", required=True, help="what the video shows")
     s.add_argument("--out", required=True, help="output .mp4")
-    s.add_argument("--frames", type=positive_int, default=None)
+    s.add_argument("--frames", type=positive_int, default=None, help="default: the config's")
     s.add_argument("--steps", type=positive_int, default=None, help="DDIM steps")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--seed", type=int, default=0, help="same seed, same video")
+    s.add_argument("--negative-prompt", default=None, help="guided away from (default: empty)")
     s.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     s.set_defaults(func=_guard(_sample), command="sample")
 
