@@ -91,7 +91,8 @@ def bench_model(args, results: list[dict]) -> list[dict]:
     for kind, batches in runs:
         model = make_model(kind, cfg, device, args)
         params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=1e-5, fused=True)  # as the trainer
         compiled = args.compile if kind == "hdvg" else None
         kernels = args.kernels if kind == "hdvg" else "aten"
         use_kernels(kernels)  # hdvg's own norms only (diffusers calls nn.GroupNorm)
@@ -120,8 +121,8 @@ def bench_model(args, results: list[dict]) -> list[dict]:
             row |= {"ckpt_levels": args.ckpt_levels if kind == "hdvg" else None}
             x, t, text = make_inputs(b, cfg, frames, lat, device, args)
 
-            def step(fwd=fwd, opt=opt, x=x, t=t, text=text):
-                train_step(fwd, opt, x, t, text, device)
+            def step(fwd=fwd, opt=opt, trained=trained, x=x, t=t, text=text):
+                train_step(fwd, opt, trained, x, t, text, device)
 
             def stage(name: str, row=row) -> None:  # saved, so a killed run says where it was
                 row["stage"] = name
@@ -337,12 +338,16 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def train_step(fwd, opt, x, t, text, device: torch.device) -> None:
+def train_step(fwd, opt, params, x, t, text, device: torch.device) -> None:
+    """One step as hdvg.t2v.train takes it: bf16 autocast forward, backward, clipping and the
+    fused AdamW step that skips non-finite gradients (the trainer's own `clip_and_step`)."""
+    from hdvg.t2v.train import clip_and_step
+
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out = fwd(x, t, text)
         out = out if torch.is_tensor(out) else out.sample  # diffusers returns an output object
     out.float().square().mean().backward()
-    opt.step()
+    clip_and_step(opt, params, 1.0)
     opt.zero_grad(set_to_none=True)
 
 

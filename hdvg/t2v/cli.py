@@ -50,6 +50,7 @@ def _guard(fn):
     def run(args: argparse.Namespace) -> int:
         from hdvg.t2v.config import ConfigError
         from hdvg.t2v.data import NoClipsError
+        from hdvg.t2v.train import DivergedError
 
         # progress lines (train: a line per logged step and a summary) on stderr, also when
         # `hdvg train` comes through hdvg/cli.py, which sets up no logging of its own
@@ -60,6 +61,9 @@ def _guard(fn):
         except (ConfigError, NoClipsError, FileNotFoundError, PermissionError) as e:
             print(f"hdvg {args.command}: {e}", file=sys.stderr)
             return 2
+        except DivergedError as e:  # the run failed, not its input: exit 1, still one line
+            print(f"hdvg {args.command}: {e}", file=sys.stderr)
+            return 1
 
     return run
 

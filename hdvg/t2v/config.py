@@ -131,6 +131,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 1000
     max_grad_norm: float = 1.0
+    # a step whose gradients hold a NaN or an infinity updates nothing (the fused AdamW skips
+    # it on the device, as under a GradScaler); this many in a row stop the run (exit 1): the
+    # model has diverged or its input is broken
+    max_nonfinite_steps: int = 20
     ema_decay: float = 0.9999
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     prediction_type: str = "epsilon"  # or "v_prediction"
@@ -174,6 +178,8 @@ class TrainConfig:
             raise ConfigError("train.prediction_type must be epsilon or v_prediction")
         if self.compile not in (True, False, "full", "regional", "norms"):
             raise ConfigError("train.compile must be true, false, full, regional or norms")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps must be at least 1")
         if self.kernels not in ("aten", "triton"):
             raise ConfigError("train.kernels must be aten or triton")
         from hdvg.t2v.layers import attention_backends_error

@@ -315,13 +315,17 @@ def _meta(raw: bytes | None) -> dict[str, Any]:
 
 
 def _latents(raw: bytes | None) -> torch.Tensor | None:
-    """A sample's stored latents, or None when it has none or they do not load."""
+    """A sample's stored latents, or None when it has none, they do not load, or they hold a
+    NaN or an infinity (one such sample would make its step's gradients non-finite)."""
     if not raw:
         return None
     try:
-        return torch.from_numpy(np.load(io.BytesIO(raw)))
+        array = np.load(io.BytesIO(raw))
     except (ValueError, OSError, EOFError):  # not an .npy (pickles are refused too)
         return None
+    if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
+        return None
+    return torch.from_numpy(array)
 
 
 def get_num_workers(cfg: DataConfig) -> int:

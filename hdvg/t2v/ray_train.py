@@ -119,24 +119,26 @@ def launch(
     try:
         trainer.fit()
     except TrainingFailedError as e:
-        bad = _bad_input(e)
-        if bad is not None:  # the input's fault, as in a single-process run: exit 2, one line
+        bad = _known_failure(e)
+        if bad is not None:  # as in a single-process run: one line, exit 2 (1: diverged)
             raise bad from None
         log.error("Ray Train run failed: %s", e)
         return 1
     return 0
 
 
-def _bad_input(error: Exception) -> Exception | None:
-    """A worker's ConfigError (a bad config, a checkpoint that does not load) or NoClipsError
-    (shards with nothing to train on) behind Ray Train's failure, if that is what ended it."""
+def _known_failure(error: Exception) -> Exception | None:
+    """A worker's ConfigError (a bad config, a checkpoint that does not load), NoClipsError
+    (shards with nothing to train on) or DivergedError (non-finite gradients, step after step)
+    behind Ray Train's failure, if that is what ended it."""
     from hdvg.t2v.data import NoClipsError
+    from hdvg.t2v.train import DivergedError
 
     for failure in getattr(error, "worker_failures", {}).values():
         while failure is not None:
             if isinstance(failure, NoClipsError):
                 return NoClipsError(str(failure))  # Ray's wrapper: its reason alone
-            if isinstance(failure, ConfigError):
+            if isinstance(failure, ConfigError | DivergedError):
                 return failure
             failure = failure.__cause__
     return None

@@ -197,6 +197,26 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     return path
 
 
+def clip_and_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients to `max_norm` and take the (fused) optimizer step, unless they hold
+    a NaN or an infinity (a bf16 overflow, a broken sample; under DDP they are averaged
+    already, so every rank agrees): then the fused AdamW leaves weights and moments as they
+    are, decided on the device -- no host sync. Returns the gradient norm and 1.0 for a
+    skipped step, 0.0 otherwise (device tensors)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    nonfinite = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = nonfinite  # read by the fused kernels, as GradScaler sets it
+    optimizer.step()
+    return grad_norm, nonfinite
+
+
+class DivergedError(RuntimeError):
+    """`train.max_nonfinite_steps` steps in a row had non-finite gradients (their updates were
+    skipped, so the weights are still those of the last finite step)."""
+
+
 class CheckpointError(ConfigError):
     """A checkpoint file that does not load: corrupt, cut short, not a checkpoint, or asking
     to run code (a pickle naming anything beyond tensors, numpy arrays and plain types)."""
@@ -313,10 +333,12 @@ def progress_line(row: dict[str, Any], total_steps: int) -> str:
     will be done at that speed."""
     left = (total_steps - row["step"]) / row["it_s"] if row["it_s"] > 0 else 0.0
     mem = f"  {row['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in row else ""
+    run = row.get("nonfinite_run", 0)
+    skipped = f"  non-finite gradients: last {run} steps skipped" if run else ""
     return (
         f"step {row['step']}/{total_steps}  loss {row['loss']:.4f}  {row['it_s']:.2f} it/s  "
         f"{row['samples_s']:.1f} samples/s  data wait {row['data_wait_s']:.2f} s{mem}  "
-        f"eta {left / 60:.1f} min"
+        f"eta {left / 60:.1f} min{skipped}"
     )
 
 
@@ -374,9 +396,10 @@ def main(
         for m in unet.swap_modules():
             m.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
-    # fused on CUDA (one kernel group per step, as benchmarks/bench_t2v.py times the step)
+    # fused (one kernel group per step, as benchmarks/bench_t2v.py times the step), which also
+    # skips a step with non-finite gradients on the device (`found_inf`, set each step below)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda")  # fmt: skip
+                                  fused=True)  # fmt: skip
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
     )
@@ -387,6 +410,10 @@ def main(
     dataset = ShardClips(shards, cfg.data, seed=tc.seed)
     stream = StreamState(cfg.data)
     step = 0
+    # steps skipped for non-finite gradients: in all (kept in checkpoints), and in a row now;
+    # device tensors, read only when a metrics row is written
+    nonfinite_steps = torch.zeros((), device=device)
+    nonfinite_run = torch.zeros((), device=device)
     last = run_dir / "last.ckpt"
     if resume and last.exists():
         ckpt = load_checkpoint(last)
@@ -396,6 +423,7 @@ def main(
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
         step = ckpt["step"]
+        nonfinite_steps.fill_(ckpt.get("nonfinite_steps", 0))
         data_state = ckpt["data"][rank] if rank < len(ckpt["data"]) else {}
         stream = StreamState(cfg.data, data_state)
         dataset.load_state(stream.state_dict())
@@ -443,6 +471,7 @@ def main(
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_sched.state_dict(),
             "step": step,
+            "nonfinite_steps": int(nonfinite_steps),
             "rng": rngs,
             "data": data_states,
             "config": cfg.to_dict(),
@@ -459,10 +488,20 @@ def main(
         if world > 1:
             keys = [None] * world
             torch.distributed.all_gather_object(keys, row["keys"])
-        row |= {"loss": float(row["loss"]), "grad_norm": float(row["grad_norm"]), "keys": keys}
+        row |= {"loss": float(row["loss"]), "grad_norm": float(row["grad_norm"]), "keys": keys,
+                "nonfinite_steps": int(row["nonfinite_steps"]),
+                "nonfinite_run": int(row["nonfinite_run"])}  # fmt: skip
         metrics.write(row)
         if is_main:
             log.info(progress_line(row, total_steps))
+        if row["nonfinite_run"] >= tc.max_nonfinite_steps:
+            n, at = row["nonfinite_run"], row["step"]
+            raise DivergedError(
+                f"steps {at - n + 1}-{at} had non-finite gradients (loss {row['loss']:.4g}) and "
+                f"updated nothing (train.max_nonfinite_steps {tc.max_nonfinite_steps}); the "
+                f"weights are those of step {at - n}. Lower train.lr, or look at the clips of "
+                f"those steps (metrics.jsonl `keys`); --resume continues from the last checkpoint"
+            )
 
     pending: dict[str, Any] | None = None  # the row of the last step, written after the next
     t_last = t_start = time.perf_counter()
@@ -509,8 +548,9 @@ def main(
         loss = F.mse_loss(pred.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        optimizer.step()
+        grad_norm, nonfinite = clip_and_step(optimizer, params, tc.max_grad_norm)
+        nonfinite_steps += nonfinite
+        nonfinite_run.add_(1).mul_(nonfinite)
         lr_sched.step()
         ema.update(unet, step)
         step += 1
@@ -536,6 +576,8 @@ def main(
                 "loss": loss_val,  # tensors until written
                 "lr": lr_sched.get_last_lr()[0],
                 "grad_norm": grad_norm.detach(),
+                "nonfinite_steps": nonfinite_steps.clone(),  # tensors until written, too
+                "nonfinite_run": nonfinite_run.clone(),
                 "it_s": 1.0 / dt,
                 "samples_s": b * world / dt,
                 "data_wait_s": data_wait,

@@ -88,9 +88,10 @@ def test_triton_kernels_bf16_cuda_match_aten():
 
 def test_step_inputs_queue_without_a_host_sync():
     """The per-step work around the U-Net -- caption tokens to the GPU, the caption-dropout
-    swap, stored latents to the GPU, gradient clipping, the fused AdamW step, the schedule,
-    the EMA update -- must not wait for the GPU's queue to drain (each such wait let the GPU
-    idle while the next step was being queued)."""
+    swap, stored latents to the GPU, gradient clipping, the fused AdamW step (skipped on the
+    device when the gradients are not finite), the schedule, the EMA update -- must not wait
+    for the GPU's queue to drain (each such wait let the GPU idle while the next step was
+    being queued)."""
     from hdvg.t2v.config import TextEncoderConfig
     from hdvg.t2v.text import build_text_encoder, encode_prompts
     from hdvg.t2v.train import EMA
@@ -118,8 +119,12 @@ def test_step_inputs_queue_without_a_host_sync():
         lat = latents.to(dev, non_blocking=True).float()
         loss = model(torch.randn(4, 8, device=dev, generator=gen)).square().mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-        opt.step()  # fused AdamW, as the trainer builds it on CUDA
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        nonfinite = (~torch.isfinite(grad_norm)).float()  # the trainer's skip of a bad step
+        opt.found_inf = nonfinite
+        opt.step()  # fused AdamW, as the trainer builds it
+        skipped_run = torch.zeros((), device=dev)
+        skipped_run.add_(1).mul_(nonfinite)
         sched.step()
         ema.update(model, 2)
     finally:

@@ -139,6 +139,34 @@ def test_shards_mixing_stored_latents_and_mp4_only_clips(latents_out, tiny_vae_d
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_latents_holding_nan_fall_back_to_the_mp4(latents_out, tiny_vae_dir, tmp_path):
+    """Stored latents with a NaN or an infinity would make their whole step's gradients
+    non-finite: the stream treats them as not loading and decodes the clip's mp4."""
+    from hdvg.t2v.data import ShardClips, make_loader
+
+    out = tmp_path / "poisoned"
+    shutil.copytree(latents_out, out)
+    shard = sorted((out / "shards").glob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        kept = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    name = next(m.name for m, _ in kept if m.name.endswith(".latents.npy"))
+    with tarfile.open(shard, "w") as tf:
+        for m, data in kept:
+            if m.name == name:
+                array = np.load(io.BytesIO(data))
+                array.flat[7] = np.inf if array.dtype.kind == "f" else 0
+                buf = io.BytesIO()
+                np.save(buf, array)
+                data = buf.getvalue()
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    cfg = t2v_cfg(tiny_vae_dir, True, batch_size=2, num_workers=0)
+    batch = next(iter(make_loader(ShardClips(str(shard), cfg.data), cfg.data)))
+    key = name.split(".")[0]
+    assert key in batch["key"] and batch["key"][-1] == key  # decoded: after the latents clips
+    assert batch["video"].shape[0] == 1 and torch.isfinite(batch["latents"]).all()
+
+
 def test_takedown_keeps_the_others_latents(latents_out, tmp_path):
     from hdvg.manifest.takedown import takedown
     from hdvg.manifest.verify import verify

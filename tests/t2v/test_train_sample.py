@@ -87,6 +87,61 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
+def test_a_step_with_non_finite_gradients_updates_nothing(shard_root, tmp_path, monkeypatch):
+    """Step 2's text embeddings turn NaN (as a bf16 overflow would make them): its gradients
+    are NaN, the fused AdamW skips it on the device (weights and optimizer state as after step
+    1), the run goes on, and metrics.jsonl counts it."""
+    import hdvg.t2v.train as train
+
+    real, calls = train.encode_prompts, []
+
+    def nan_on_step_2(encoder, captions, device):
+        out = real(encoder, captions, device)
+        calls.append(len(captions))
+        return out * float("nan") if len(calls) == 3 else out  # call 1 encodes "" once
+
+    monkeypatch.setattr(train, "encode_prompts", nan_on_step_2)
+    cfg = micro_cfg(steps=4, ckpt_every=1, keep_checkpoints=10, cfg_dropout=0.0)
+    assert main(cfg, str(shard_root), tmp_path / "run") == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite_run"], r["nonfinite_steps"]) for r in rows] == [
+        (1, 0, 0), (2, 1, 1), (3, 0, 1), (4, 0, 1)
+    ]  # fmt: skip
+    assert not np.isfinite(rows[1]["loss"]) and all(np.isfinite(rows[i]["loss"]) for i in (0, 2, 3))
+    ckpt = {s: load_checkpoint(tmp_path / f"run/checkpoints/step-{s:08d}.ckpt") for s in (1, 2, 3)}
+    for k, v in ckpt[1]["model"].items():
+        assert torch.equal(v, ckpt[2]["model"][k]), k  # step 2 changed no weight
+    moved = [k for k, v in ckpt[2]["model"].items() if not torch.equal(v, ckpt[3]["model"][k])]
+    assert moved and all(torch.isfinite(v).all() for v in ckpt[3]["model"].values())
+    adam = [st for st in ckpt[2]["optimizer"]["state"].values()]
+    assert all(float(st["step"]) == 1 for st in adam)  # the skipped step is not counted either
+    assert all(torch.isfinite(st["exp_avg_sq"]).all() for st in adam)
+    assert ckpt[3]["nonfinite_steps"] == 1
+
+
+def test_a_diverged_run_stops_with_one_line(shard_root, tmp_path, capsys):
+    """lr 1e30: after one update the U-Net overflows, every later step's gradients are
+    non-finite and skipped; train.max_nonfinite_steps of them in a row end `hdvg train` with
+    exit 1 and one line, before a checkpoint of a diverged run is written."""
+    from hdvg.t2v.cli import main as cli
+
+    cfg_path = tmp_path / "tiny.yaml"
+    d = tiny_config_dict(
+        model={"preset": "tiny", "unet": MICRO_UNET},
+        train={"steps": 20, "lr": 1e30, "warmup_steps": 1, "max_nonfinite_steps": 3,
+               "ckpt_every": 10},
+    )  # fmt: skip
+    cfg_path.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    assert cli(["train", str(cfg_path), "--shards", str(shard_root), "--output", str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "had non-finite gradients" in err[0], err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_run"] == 3 and rows[-1]["step"] < 10
+    assert f"steps {rows[-1]['step'] - 2}-{rows[-1]['step']} had" in err[0]
+    assert not (run / "last.ckpt").exists()
+
+
 @pytest.mark.parametrize("dropout", [0.0, 1.0])
 def test_caption_dropout_swaps_in_the_empty_prompt(shard_root, tmp_path, dropout):
     """train.cfg_dropout: a dropped caption reaches the U-Net as the "" prompt's embedding
