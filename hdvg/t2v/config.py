@@ -131,6 +131,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 1000
     max_grad_norm: float = 1.0
+    # micro-batches of data.batch_size per optimizer step (per rank): the step's batch is
+    # batch_size x grad_accum_steps x ranks, its gradient the mean over all of them
+    grad_accum_steps: int = 1
     # a step whose gradients hold a NaN or an infinity updates nothing (the fused AdamW skips
     # it on the device, as under a GradScaler); this many in a row stop the run (exit 1): the
     # model has diverged or its input is broken
@@ -178,6 +181,8 @@ class TrainConfig:
             raise ConfigError("train.prediction_type must be epsilon or v_prediction")
         if self.compile not in (True, False, "full", "regional", "norms"):
             raise ConfigError("train.compile must be true, false, full, regional or norms")
+        if self.grad_accum_steps < 1:
+            raise ConfigError("train.grad_accum_steps must be at least 1")
         if self.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be at least 1")
         if self.kernels not in ("aten", "triton"):

@@ -197,6 +197,27 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     return path
 
 
+def micro_backward(
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    target: torch.Tensor,
+    k: int,
+    last: bool,
+    precision: str,
+) -> torch.Tensor:
+    """Forward and backward of one of `k` micro-batches of an optimizer step: its loss scaled by
+    1/k, so that k of them leave the gradient of the whole batch's mean loss. Under DDP the
+    gradients are all-reduced once, with the last micro-batch (the others run in `no_sync`).
+    Returns the scaled loss (a device tensor: the k of them sum to the step's mean loss)."""
+    no_sync = getattr(model, "no_sync", None)  # DDP, also behind torch.compile
+    with contextlib.nullcontext() if last or no_sync is None else no_sync():
+        with autocast(target.device, precision):
+            pred = model(*inputs)  # (B, c, F, h, w)
+        loss = F.mse_loss(pred.float(), target) / k
+        loss.backward()
+    return loss.detach()
+
+
 def clip_and_step(
     optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,46 +530,49 @@ def main(
     first = step + 1  # a compiled U-Net compiles in this step: say so, and how long it took
     if tc.compile and is_main:
         log.info("train.compile=%s: step %d compiles the U-Net first (minutes)", tc.compile, first)
+
+    @torch.no_grad()
+    def step_inputs(batch: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """A batch's U-Net inputs (noisy latents, timesteps, text) and its regression target."""
+        b = len(batch["caption"])
+        parts = []  # stored latents first, then the clips encoded here (collate_clips)
+        if "latents" in batch:
+            # pinned by the loader: no host sync, as for the video below
+            parts.append(batch["latents"].to(device, non_blocking=True).float())  # (Bl,c,F,h,w)
+            check_latents(parts[0].shape, cfg, vae)
+        if "video" in batch:
+            video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
+            with autocast(device, tc.precision):
+                parts.append(vae.encode(video, generator=gen))  # (Bv, c, F, h, w)
+        latents = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, c, F, h, w)
+        drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout  # (B,)
+        with autocast(device, tc.precision):
+            text = encode_prompts(text_encoder, batch["caption"], device).float()  # (B,L,D)
+        # classifier-free guidance: dropped captions become "" on the device (reading
+        # `drop` on the host would wait for the GPU to finish the previous step first)
+        text = torch.where(drop.view(b, 1, 1), empty_text, text)  # (B, L, D)
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
+        a = alphas[t].view(b, 1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
+        if tc.prediction_type == "epsilon":
+            return (noisy, t, text), noise
+        return (noisy, t, text), a.sqrt() * noise - (1 - a).sqrt() * latents
+
+    k = tc.grad_accum_steps
     while step < total_steps:
         t0 = time.perf_counter()
-        batch = next(batches)
-        data_wait = time.perf_counter() - t0
-        stream.update(batch)
-        b = len(batch["caption"])
-
-        with torch.no_grad():
-            parts = []  # stored latents first, then the clips encoded here (collate_clips)
-            if "latents" in batch:
-                # pinned by the loader: no host sync, as for the video below
-                parts.append(batch["latents"].to(device, non_blocking=True).float())  # (Bl,c,F,h,w)
-                check_latents(parts[0].shape, cfg, vae)
-            if "video" in batch:
-                video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
-                with autocast(device, tc.precision):
-                    parts.append(vae.encode(video, generator=gen))  # (Bv, c, F, h, w)
-            latents = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, c, F, h, w)
-            drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout  # (B,)
-            with autocast(device, tc.precision):
-                text = encode_prompts(text_encoder, batch["caption"], device).float()  # (B,L,D)
-            # classifier-free guidance: dropped captions become "" on the device (reading
-            # `drop` on the host would wait for the GPU to finish the previous step first)
-            text = torch.where(drop.view(b, 1, 1), empty_text, text)  # (B, L, D)
-            noise = torch.randn(latents.shape, generator=gen, device=device)
-            t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
-            a = alphas[t].view(b, 1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
-            target = (
-                noise
-                if tc.prediction_type == "epsilon"
-                else a.sqrt() * noise - (1 - a).sqrt() * latents
-            )
-
-        with autocast(device, tc.precision):
-            pred = model(noisy, t, text)  # (B, c, F, h, w)
-        loss = F.mse_loss(pred.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        data_wait, keys, loss = 0.0, [], torch.zeros((), device=device)
+        for micro in range(k):  # k micro-batches, one optimizer step
+            t_data = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t_data
+            stream.update(batch)
+            keys += batch["key"]
+            inputs, target = step_inputs(batch)
+            loss += micro_backward(model, inputs, target, k, micro == k - 1, tc.precision)
         grad_norm, nonfinite = clip_and_step(optimizer, params, tc.max_grad_norm)
+        optimizer.zero_grad(set_to_none=True)
         nonfinite_steps += nonfinite
         nonfinite_run.add_(1).mul_(nonfinite)
         lr_sched.step()
@@ -579,14 +603,14 @@ def main(
                 "nonfinite_steps": nonfinite_steps.clone(),  # tensors until written, too
                 "nonfinite_run": nonfinite_run.clone(),
                 "it_s": 1.0 / dt,
-                "samples_s": b * world / dt,
+                "samples_s": len(keys) * world / dt,
                 "data_wait_s": data_wait,
                 "skipped_too_short": int(batch["skipped_too_short"].max()),
                 "skipped_decode_error": int(batch["skipped_decode_error"].max()),
                 "skipped_bad_shard": int(batch["skipped_bad_shard"].max()),  # reads broken off
                 # which clips this step trained on, per rank: a loss spike leads to its clips
                 # (and through the manifest to their sources)
-                "keys": batch["key"],
+                "keys": keys,
             }
             if device.type == "cuda":
                 row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -174,6 +174,80 @@ def test_caption_dropout_swaps_in_the_empty_prompt(shard_root, tmp_path, dropout
         assert not all(is_empty)
 
 
+def _toy_batches(rank: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear model (same weights everywhere) and 4 samples of one rank's data."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    g = torch.Generator().manual_seed(100 + rank)
+    return model, torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+
+
+def _accumulate_under_ddp(rank: int, world: int, init: str, out: str) -> None:
+    from hdvg.t2v.train import micro_backward
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model, x, y = _toy_batches(rank)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for i, half in enumerate((slice(0, 2), slice(2, 4))):
+        micro_backward(ddp, (x[half],), y[half], 2, i == 1, "fp32")
+    torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}/grads{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_micro_batches_leave_the_whole_batchs_gradient(tmp_path):
+    """grad_accum_steps: k micro-batches give the gradient of one batch of all their samples,
+    alone and under DDP (2 gloo ranks: averaged over the ranks once, with the last)."""
+    from hdvg.t2v.train import micro_backward
+
+    def full_batch_grads(ranks) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for rank in ranks:
+            model, x, y = _toy_batches(rank)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            for n, p in model.named_parameters():
+                total[n] = total.get(n, 0) + p.grad / len(ranks)
+        return total
+
+    model, x, y = _toy_batches(0)
+    loss = sum(micro_backward(model, (x[h],), y[h], 2, i == 1, "fp32")
+               for i, h in enumerate((slice(0, 2), slice(2, 4))))  # fmt: skip
+    want = full_batch_grads([0])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n])
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(model(x), y).detach())
+
+    init = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_accumulate_under_ddp, args=(2, init, str(tmp_path)), nprocs=2)
+    want = full_batch_grads([0, 1])
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        for n in want:
+            torch.testing.assert_close(got[n], want[n])
+
+
+def test_grad_accum_steps_train_on_k_micro_batches_and_resume(shard_root, tmp_path):
+    """train.grad_accum_steps 2: every optimizer step trains on 2 x batch_size clips (listed in
+    its metrics row), the optimizer counts steps, not micro-batches, and a run cut at a
+    checkpoint resumes to the same losses."""
+
+    def cfg() -> T2VConfig:
+        c = micro_cfg(steps=4, ckpt_every=2, grad_accum_steps=2)
+        c.data.num_workers = 1
+        return c
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(cfg(), str(shard_root), full) == 0
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["keys"][0]) for r in rows] == [4, 4, 4, 4]  # batch_size 2 x 2 micro-batches
+    seen = [k for r in rows[:1] for k in r["keys"][0]]
+    assert len(set(seen)) == 4  # 4 different clips in one step
+    ckpt = load_checkpoint(full / "last.ckpt")
+    assert {int(st["step"]) for st in ckpt["optimizer"]["state"].values()} == {4}
+    assert main(cfg(), str(shard_root), cut, steps=2) == 0
+    assert main(cfg(), str(shard_root), cut, resume=True) == 0
+    assert losses(cut) == losses(full)
+
+
 def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
     """A step's row (its loss read from the device) is written once the next step's work is
     queued, so the GPU never drains between steps for logging; a checkpoint step and the
