@@ -566,6 +566,8 @@ def test_shipped_configs_load():
     assert (
         base.data.frames == 16 and base.data.size == (256, 256) and base.train.precision == "bf16"
     )
+    # 8 clips per GPU per step as 2 micro-batches of 4 (8 at once did not fit an 80-GB H100)
+    assert (base.data.batch_size, base.train.grad_accum_steps) == (4, 2)
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(T2VConfig, {"data": {"frame": 3}})
     with pytest.raises(ConfigError, match="train.steps: expected an integer"):
