@@ -149,6 +149,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     ckpt_every: int = 1000
+    # every this many steps rank 0 samples `sample.prompts` with the EMA weights into
+    # RUN/samples/step-NNNNNNNN/{i}.mp4 (+ {i}.txt, the prompt); 0: never
+    sample_every: int = 0
     keep_checkpoints: int = 3
     # true / "full": torch.compile the whole U-Net; "regional": each block apart (identical
     # blocks share code: 33 graphs for the base U-Net, compiled in half the whole one's time
@@ -202,6 +205,8 @@ class SampleConfig:
     fps: float | None = None  # of the written mp4; None: data.fps (or 8)
     negative_prompt: str = ""
     use_ema: bool = True
+    # what train.sample_every samples during training (seed train.seed + i for the i-th)
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +217,12 @@ class T2VConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.sample_every < 0:
+            raise ConfigError("train.sample_every must be 0 (never) or a number of steps")
+        if self.train.sample_every and not self.sample.prompts:
+            raise ConfigError("train.sample_every needs prompts to sample: sample.prompts")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

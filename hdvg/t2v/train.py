@@ -158,6 +158,49 @@ class EMA:
             dst.copy_(v)
 
 
+@torch.no_grad()
+def sample_previews(
+    run_dir: Path,
+    step: int,
+    cfg: T2VConfig,
+    unet: torch.nn.Module,
+    ema: EMA,
+    text_encoder,
+    vae: VideoVAE,
+    device: torch.device,
+) -> Path:
+    """`train.sample_every`: each of `sample.prompts` sampled with the EMA weights, as `hdvg
+    sample` would from this step's checkpoint, into RUN/samples/step-NNNNNNNN/{i}.mp4 + .txt.
+
+    The EMA weights are swapped into the U-Net for the while (its own weights wait on the
+    host) and it runs eager (a compiled U-Net would recompile for the sampler's shapes); the
+    sampler's noise comes from its own seeded generator, so training goes on exactly as
+    without the previews."""
+    from hdvg.t2v.sample import generate, write_mp4
+
+    sc = cfg.sample
+    out = run_dir / "samples" / f"step-{step:08d}"
+    out.mkdir(parents=True, exist_ok=True)
+    own = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    was_training = unet.training
+    unet.load_state_dict(ema.shadow if sc.use_ema else own)
+    unet.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            for i, prompt in enumerate(sc.prompts):
+                video = generate(
+                    cfg, unet, text_encoder, vae, prompt,
+                    frames=sc.frames or cfg.data.frames, steps=sc.steps, guidance=sc.guidance,
+                    seed=cfg.train.seed + i, device=device, negative_prompt=sc.negative_prompt,
+                )  # fmt: skip
+                write_mp4(video, out / f"{i:02d}.mp4", sc.fps or cfg.data.fps or 8.0)
+                (out / f"{i:02d}.txt").write_text(prompt + "\n", encoding="utf-8")
+    finally:
+        unet.load_state_dict(own)
+        unet.train(was_training)
+    return out
+
+
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     state = {
         "python": random.getstate(),
@@ -622,6 +665,12 @@ def main(
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
+        if tc.sample_every and step % tc.sample_every == 0 and is_main:
+            # the other ranks wait for rank 0 in the next step's all-reduce
+            t_sample = time.perf_counter()
+            where = sample_previews(run_dir, step, cfg, unet, ema, text_encoder, vae, device)
+            log.info("sampled %d prompt(s) into %s in %.1f s", len(cfg.sample.prompts), where,
+                     time.perf_counter() - t_sample)  # fmt: skip
 
     metrics.close()
     if is_main and step > start_step:

@@ -248,6 +248,42 @@ def test_grad_accum_steps_train_on_k_micro_batches_and_resume(shard_root, tmp_pa
     assert losses(cut) == losses(full)
 
 
+def test_previews_sampled_during_training_match_hdvg_sample(shard_root, tmp_path):
+    """train.sample_every: RUN/samples/step-N/{i}.mp4 are the videos `hdvg sample` makes from
+    step N's checkpoint (EMA weights, seed train.seed + i), and sampling them changes nothing
+    in the training itself (same losses, same weights as a run without previews)."""
+    from hdvg.t2v.sample import main as sample
+
+    prompts = ["a red car", "waves at dusk"]
+
+    def cfg(every: int) -> T2VConfig:
+        train = {"steps": 4, "ckpt_every": 2, "sample_every": every}
+        sample = {"prompts": prompts if every else [], "steps": 2, "frames": 2}
+        d = tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET}, train=train)
+        return from_dict(T2VConfig, d | {"sample": d["sample"] | sample})
+
+    plain, previews = tmp_path / "plain", tmp_path / "previews"
+    assert main(cfg(0), str(shard_root), plain) == 0
+    assert main(cfg(2), str(shard_root), previews) == 0
+    assert losses(previews) == losses(plain)
+    a, b = load_checkpoint(plain / "last.ckpt"), load_checkpoint(previews / "last.ckpt")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+    assert not (plain / "samples").exists()
+    for step in (2, 4):
+        where = previews / "samples" / f"step-{step:08d}"
+        assert sorted(p.name for p in where.iterdir()) == ["00.mp4", "00.txt", "01.mp4", "01.txt"]
+        for i, prompt in enumerate(prompts):
+            assert (where / f"{i:02d}.txt").read_text() == prompt + "\n"
+            ref = tmp_path / f"ref-{step}-{i}.mp4"
+            ckpt = previews / "checkpoints" / f"step-{step:08d}.ckpt"
+            assert sample(str(ckpt), prompt, str(ref), frames=2, steps=2, seed=i, device="cpu") == 0
+            assert (where / f"{i:02d}.mp4").read_bytes() == ref.read_bytes(), (step, i)
+    with av.open(str(previews / "samples" / "step-00000004" / "00.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 2 and frames[0].shape[:2] == (32, 32)
+
+
 def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
     """A step's row (its loss read from the device) is written once the next step's work is
     queued, so the GPU never drains between steps for logging; a checkpoint step and the
