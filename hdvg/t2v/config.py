@@ -130,6 +130,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 1000
+    # after the warm-up: "constant" lr, or "cosine" decay to lr * min_lr_ratio at train.steps
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     # micro-batches of data.batch_size per optimizer step (per rank): the step's batch is
     # batch_size x grad_accum_steps x ranks, its gradient the mean over all of them
@@ -184,6 +187,10 @@ class TrainConfig:
             raise ConfigError("train.prediction_type must be epsilon or v_prediction")
         if self.compile not in (True, False, "full", "regional", "norms"):
             raise ConfigError("train.compile must be true, false, full, regional or norms")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("train.lr_schedule must be constant or cosine")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio must be between 0 and 1")
         if self.grad_accum_steps < 1:
             raise ConfigError("train.grad_accum_steps must be at least 1")
         if self.max_nonfinite_steps < 1:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from hdvg.t2v.config import ConfigError, T2VConfig, UNetConfig, from_dict
+from hdvg.t2v.config import ConfigError, T2VConfig, TrainConfig, UNetConfig, from_dict
 from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
 from hdvg.t2v.layers import compile_norms, use_attention_backends, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
@@ -238,6 +239,18 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
         old.unlink()
     log.info("saved checkpoint %s", path)
     return path
+
+
+def lr_factor(step: int, tc: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` (from 0) over `train.lr`: a linear warm-up
+    over `warmup_steps`, then constant, or a cosine decay to `min_lr_ratio` at `train.steps`
+    (the schedule is fixed by the config, so `--steps` on the command line does not
+    stretch it)."""
+    warm = max(1, tc.warmup_steps)
+    if step + 1 < warm or tc.lr_schedule == "constant":
+        return min(1.0, (step + 1) / warm)
+    progress = min(1.0, (step + 1 - warm) / max(1, tc.steps - warm))
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def micro_backward(
@@ -464,9 +477,7 @@ def main(
     # skips a step with non-finite gradients on the device (`found_inf`, set each step below)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
                                   fused=True)  # fmt: skip
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))
-    )
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
     ema = EMA(unet, tc.ema_decay)
     scheduler = noise_scheduler(cfg)
     alphas = scheduler.alphas_cumprod.to(device)
@@ -618,6 +629,7 @@ def main(
         optimizer.zero_grad(set_to_none=True)
         nonfinite_steps += nonfinite
         nonfinite_run.add_(1).mul_(nonfinite)
+        lr = lr_sched.get_last_lr()[0]  # what this step used
         lr_sched.step()
         ema.update(unet, step)
         step += 1
@@ -641,7 +653,7 @@ def main(
             row = {
                 "step": step,
                 "loss": loss_val,  # tensors until written
-                "lr": lr_sched.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm.detach(),
                 "nonfinite_steps": nonfinite_steps.clone(),  # tensors until written, too
                 "nonfinite_run": nonfinite_run.clone(),

@@ -284,6 +284,21 @@ def test_previews_sampled_during_training_match_hdvg_sample(shard_root, tmp_path
     assert len(frames) == 2 and frames[0].shape[:2] == (32, 32)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_is_the_one_each_step_used(shard_root, tmp_path, schedule):
+    """metrics.jsonl's lr is the learning rate each step updated with: a linear warm-up over
+    2 steps, then constant or a cosine decay to lr * min_lr_ratio at train.steps."""
+    cfg = micro_cfg(steps=6, warmup_steps=2, ckpt_every=100, lr_schedule=schedule,
+                    min_lr_ratio=0.1, lr=1e-3)  # fmt: skip
+    assert main(cfg, str(shard_root), tmp_path / "run") == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = [round(r["lr"] / 1e-3, 6) for r in rows]
+    if schedule == "constant":
+        assert got == [0.5, 1, 1, 1, 1, 1]
+    else:  # cos(pi * k / 4) for k = 1..4 after the warm-up, scaled into [0.1, 1]
+        assert got == [0.5, 1, 0.868198, 0.55, 0.231802, 0.1]
+
+
 def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
     """A step's row (its loss read from the device) is written once the next step's work is
     queued, so the GPU never drains between steps for logging; a checkpoint step and the
