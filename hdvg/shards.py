@@ -23,7 +23,8 @@ EXTRA_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*")  # e.g. "latents
 
 
 def staging_path(path: Path, tag: str = "tmp") -> Path:
-    """Where `path` is written before its rename: `.{name}.{tag}.tmp` beside it.
+    """Where `path` is written before its rename: `.{name}.tmp` beside it (`.{name}.{tag}.tmp`
+    for another `tag`, such as a takedown's rewrite).
 
     Hidden (a leading dot), so whoever reads the folder while a run is writing, or after one
     was killed, sees only complete files: pyarrow and Ray read a directory of parts skipping

@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,70 +43,128 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from hdvg.t2v.config import DataConfig
+from hdvg.t2v.config import ConfigError, DataConfig
 
 log = logging.getLogger("hdvg.t2v.data")
 
 
+class ShardsUnreachable(ConfigError):
+    """`--shards` names a place that cannot be listed (no such host, refused, no access)."""
+
+
 def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Shard URLs for a spec: dir, brace pattern, glob, file, or a list (sorted, deduplicated)."""
+    """Shard URLs for a spec: dir, brace pattern, glob, file, or a list (sorted, deduplicated).
+
+    A name ending in ``.tar`` is a shard, not a folder: it is not listed (over http(s) a
+    listing is a GET, which reads the whole shard when its server sends no content type or
+    text/html). Of the many names a brace pattern makes, only the first and the
+    last are checked to exist (a typo shows at once; thousands of requests per rank at start
+    would not): a missing one in between counts as a broken shard when its turn comes."""
     import braceexpand
     import fsspec
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
-        for one in braceexpand.braceexpand(s):
-            fs, path = fsspec.core.url_to_fs(one)
-            if fs.isdir(path):
-                if fs.isdir(path.rstrip("/") + "/shards"):
-                    path = path.rstrip("/") + "/shards"
-                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-            elif any(c in path for c in "*?["):
-                found = sorted(fs.glob(path))
-            else:
-                found = [path] if fs.exists(path) else []
+        names = list(braceexpand.braceexpand(s))
+        for i, one in enumerate(names):
+            try:
+                fs, path = fsspec.core.url_to_fs(one)
+                if any(c in path for c in "*?["):
+                    found = sorted(fs.glob(path))
+                elif path.endswith(".tar"):
+                    unchecked = 0 < i < len(names) - 1
+                    found = [path] if unchecked or fs.exists(path) else []
+                elif fs.isdir(path):
+                    if fs.isdir(path.rstrip("/") + "/shards"):
+                        path = path.rstrip("/") + "/shards"
+                    found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+                else:
+                    found = [path] if fs.exists(path) else []
+            except FileNotFoundError:
+                found = []
+            except Exception as e:  # network, credentials, an unknown protocol: one line
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise ShardsUnreachable(
+                    f"cannot list shards at {one!r}: {type(e).__name__}: {reason}"
+                ) from None
             if not found:
                 raise FileNotFoundError(f"no shards at {one!r}")
             urls += [fs.unstrip_protocol(p) if "://" in one else p for p in found]
     return list(dict.fromkeys(urls))
 
 
+OPEN_ATTEMPTS = 3  # a shard whose read fails before its first sample (a network error) is
+# tried this often, 0.5 s then 1 s apart, before it counts as broken
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a shard can raise that is the shard's or the network's fault."""
+    errors: list[type[BaseException]] = [tarfile.TarError, EOFError, zlib.error, OSError]
+    try:
+        import aiohttp  # fsspec's http(s): a cut or refused connection, a short body
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def read_tar(url: str, errors: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Group a tar's members by key (``{key}.{ext}``); only regular, safe member names.
 
-    A tar that breaks off (truncated, corrupt) ends after its last whole sample with a warning,
-    the error appended to ``errors``: one bad shard does not end a training run. Without
-    ``errors`` the error is raised."""
+    A tar that breaks off (truncated, corrupt, a connection cut) ends after its last whole
+    sample with a warning, the error appended to ``errors``: one bad shard does not end a
+    training run. A network error before the first sample is retried (``OPEN_ATTEMPTS``).
+    Without ``errors`` the error is raised."""
+    done = [0]  # samples yielded
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            yield from _tar_samples(url, done)
+            return
+        except _read_errors() as e:
+            # a remote shard's open or read failing (fsspec's http(s) reports a refused
+            # connection as FileNotFoundError too) may pass: try again; a bad tar will not
+            remote = "://" in url and not url.startswith("file://")
+            bad_tar = isinstance(e, tarfile.TarError | EOFError | zlib.error)
+            if remote and not bad_tar and done[0] == 0 and attempt < OPEN_ATTEMPTS:
+                log.warning(
+                    "shard %s: %s; trying again (%d/%d)", url, e, attempt + 1, OPEN_ATTEMPTS
+                )
+                time.sleep(0.5 * attempt)
+                continue
+            if errors is None:
+                raise
+            errors.append(f"{url}: {type(e).__name__}: {e}")
+            log.warning(
+                "shard %s breaks off after %d samples (%s): the rest skipped", url, done[0], e
+            )
+            return  # the sample being read is incomplete
+
+
+def _tar_samples(url: str, done: list[int]) -> Iterator[dict[str, Any]]:
     import fsspec
 
     with fsspec.open(url, "rb") as f:
         current: dict[str, Any] = {}
-        n = 0
-        try:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    try:  # the "data" filter's checks, without extracting anything to disk
-                        tarfile.data_filter(member, "/nonexistent")
-                    except tarfile.FilterError:
-                        continue
-                    name = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = name.partition(".")
-                    if current and current["__key__"] != key:
-                        n += 1
-                        yield current
-                        current = {}
-                    current["__key__"] = key
-                    current[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            if errors is None:
-                raise
-            errors.append(f"{url}: {e}")
-            log.warning("shard %s breaks off after %d samples (%s): the rest skipped", url, n, e)
-            return  # the sample being read is incomplete
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                try:  # the "data" filter's checks, without extracting anything to disk
+                    tarfile.data_filter(member, "/nonexistent")
+                except tarfile.FilterError:
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                key, _, ext = name.partition(".")
+                if current and current["__key__"] != key:
+                    done[0] += 1
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext] = tar.extractfile(member).read()
         if current:
+            done[0] += 1
             yield current
 
 

@@ -291,3 +291,55 @@ def test_hostile_sample_metadata_costs_only_that_metadata(shard_root, tmp_path):
     assert {i["key"] for i in items} == {f"{i:016x}_0000" for i in range(len(jsons))}
     assert all(i["video"].shape == (3, 4, 32, 32) and "latents" not in i for i in items)
     assert max(i["skipped_decode_error"] for i in items) >= 1
+
+
+def test_shards_over_http_with_a_flaky_server(shard_root, tmp_path, capsys):
+    """Shards streamed from a local HTTP server: a brace pattern asks only for its first and
+    last shard up front (not all of them, and never a listing that downloads a shard); a
+    server answering 503 for a while is tried again; one that keeps failing, or cuts its
+    answer short, costs that shard (counted), not the run; an unreachable --shards is one
+    line and exit 2."""
+    import socket
+
+    import yaml
+
+    from hdvg.t2v.cli import main as cli
+    from hdvg.t2v.data import ShardsUnreachable
+    from tests.httpserver import LocalServer, Route
+    from tests.t2v.conftest import tiny_config_dict
+
+    src = sorted((shard_root / "shards").glob("*.tar"))
+    local = {k for p in src for k in (s["__key__"] for s in read_tar(str(p)))}
+    with LocalServer(shard_root / "shards", lifetime_s=120) as srv:
+        pattern = srv.url("/files/shard-{000000..000002}.tar")
+        assert expand_shards(pattern) == [srv.file_url(p.name) for p in src]
+        assert [srv.hits(f"/files/{p.name}") for p in src] == [1, 0, 1]
+        epoch = list(islice(iter(ShardClips(pattern, cfg(frames=3))), len(local)))
+        assert {i["key"] for i in epoch} == local
+
+        flaky = srv.route("/flaky.tar", Route(status=503, times=4, then=Route(file=src[0])))
+        errors: list[str] = []
+        assert [s["__key__"] for s in read_tar(flaky, errors)] == [
+            s["__key__"] for s in read_tar(str(src[0]))
+        ] and errors == []
+        down = srv.route("/down.tar", Route(status=503, body=b"busy"))
+        cut = srv.route("/cut.tar", Route(file=src[0], content_length=2 * src[0].stat().st_size))
+        for url in (down, cut):
+            errors = []
+            assert list(read_tar(url, errors)) == [] and len(errors) == 1, url
+        ds = ShardClips([srv.file_url(src[1].name), srv.file_url(src[2].name), cut], cfg(frames=3))
+        items = list(islice(iter(ds), 4))  # an epoch: the two whole shards' 4 clips
+        assert (
+            len({i["key"] for i in items}) == 4 and max(i["skipped_bad_shard"] for i in items) == 1
+        )
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/run/"
+    with pytest.raises(ShardsUnreachable, match="cannot list shards at"):
+        expand_shards(dead)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict()))
+    assert cli(["train", str(config), "--shards", dead, "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot list shards at" in err[0]
