@@ -431,8 +431,17 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(
-    dataset: ShardClips, cfg: DataConfig, pin_memory: bool = False, seed: int = 0
+    dataset: ShardClips,
+    cfg: DataConfig,
+    pin_memory: bool = False,
+    seed: int = 0,
+    ignore_sigterm: bool = False,
 ) -> DataLoader:
+    """The stream in batches. `ignore_sigterm`: workers leave SIGTERM to the trainer (which
+    stops after its step with a checkpoint; a scheduler often signals the whole process
+    group, and a worker dying of it would end the run with a DataLoader error first). Whoever
+    asks for that must stop the workers (`stop_workers`): the interpreter's exit stops
+    worker processes with SIGTERM and would then wait on them forever."""
     # its own generator: starting workers must not draw from the global RNG (resume exactness)
     return DataLoader(
         dataset,
@@ -443,7 +452,21 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_sigterm if ignore_sigterm else None,
     )
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(batches: Iterator[Any]) -> None:
+    """End the worker processes of a loader's iterator now (each finishes what it is doing)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def to_model_range(video: torch.Tensor) -> torch.Tensor:

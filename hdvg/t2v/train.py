@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, TrainConfig, UNetConfig, from_dict
-from hdvg.t2v.data import ShardClips, StreamState, make_loader, to_model_range
+from hdvg.t2v.data import ShardClips, StreamState, make_loader, stop_workers, to_model_range
 from hdvg.t2v.layers import compile_norms, use_attention_backends, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.unet import SwapUNet, compile_regions
@@ -289,6 +290,39 @@ def clip_and_step(
     return grad_norm, nonfinite
 
 
+class Preemption:
+    """SIGTERM -- a scheduler's notice (SLURM, Kubernetes, a spot instance) -- asks the run to
+    stop after the step in progress, with a checkpoint; `--resume` goes on from it. Repeats
+    change nothing (under torchrun a rank may get one from the group and one forwarded by
+    the agent); the scheduler's SIGKILL after its grace period is the hard stop. Installed
+    only in the main thread (elsewhere, as in a Ray Train worker, the launcher handles
+    signals)."""
+
+    EXIT_CODE = 128 + signal.SIGTERM  # 143, as a process ended by SIGTERM reports
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+        self.installed = False
+
+    def __enter__(self) -> Preemption:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            log.warning("SIGTERM: stopping after this step, with a checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 class DivergedError(RuntimeError):
     """`train.max_nonfinite_steps` steps in a row had non-finite gradients (their updates were
     skipped, so the weights are still those of the last finite step)."""
@@ -429,6 +463,20 @@ def main(
     steps: int | None = None,
     resume: bool = False,
 ) -> int:
+    """Train; 0 when done, `Preemption.EXIT_CODE` when stopped by SIGTERM (checkpointed)."""
+    with Preemption() as preempt, contextlib.ExitStack() as cleanup:
+        return _train(cfg, shards, output, steps, resume, preempt, cleanup)
+
+
+def _train(
+    cfg: T2VConfig,
+    shards: str | list[str],
+    output: str | Path,
+    steps: int | None,
+    resume: bool,
+    preempt: Preemption,
+    cleanup: contextlib.ExitStack,
+) -> int:
     tc = cfg.train
     total_steps = steps if steps is not None else tc.steps
     run_dir = Path(output)
@@ -529,8 +577,10 @@ def main(
         )
     if tc.compile in (True, "full"):
         model = torch.compile(model)
-    loader = make_loader(dataset, cfg.data, pin_memory=device.type == "cuda", seed=tc.seed)
+    loader = make_loader(dataset, cfg.data, pin_memory=device.type == "cuda", seed=tc.seed,
+                         ignore_sigterm=preempt.installed)  # fmt: skip
     batches = iter(loader)
+    cleanup.callback(stop_workers, batches)  # however the run ends (they ignore SIGTERM)
     metrics = Metrics(run_dir, is_main)
 
     def checkpoint_payload() -> dict[str, Any]:
@@ -614,6 +664,7 @@ def main(
         return (noisy, t, text), a.sqrt() * noise - (1 - a).sqrt() * latents
 
     k = tc.grad_accum_steps
+    stopping, stop_votes = False, None
     while step < total_steps:
         t0 = time.perf_counter()
         data_wait, keys, loss = 0.0, [], torch.zeros((), device=device)
@@ -642,7 +693,15 @@ def main(
         if pending is not None:
             write_row(pending)
             pending = None
-        checkpoint = step % tc.ckpt_every == 0 or step == total_steps
+        # SIGTERM: every rank stops after the same step -- the ranks' flags are all-reduced
+        # (max) one step before they are read, as the metrics rows are
+        if world > 1:
+            stopping = bool(stop_votes) if stop_votes is not None else False
+            stop_votes = torch.tensor(float(preempt.requested), device=device)
+            torch.distributed.all_reduce(stop_votes, op=torch.distributed.ReduceOp.MAX)
+        else:
+            stopping = preempt.requested
+        checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping
         if step % tc.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
@@ -683,9 +742,14 @@ def main(
             where = sample_previews(run_dir, step, cfg, unet, ema, text_encoder, vae, device)
             log.info("sampled %d prompt(s) into %s in %.1f s", len(cfg.sample.prompts), where,
                      time.perf_counter() - t_sample)  # fmt: skip
+        if stopping:
+            break
 
     metrics.close()
-    if is_main and step > start_step:
+    if stopping and is_main:
+        log.warning("stopped by SIGTERM after step %d; checkpoint %s: --resume goes on from "
+                    "there", step, run_dir / "last.ckpt")  # fmt: skip
+    elif is_main and step > start_step:
         wall = time.perf_counter() - t_start
         log.info(
             "done: steps %d-%d in %.1f s (%.2f steps/s), last loss %.4f; checkpoint %s",
@@ -699,4 +763,4 @@ def main(
         torch.distributed.barrier()
     if own_group:  # a group Ray Train made is Ray's to tear down
         torch.distributed.destroy_process_group()
-    return 0
+    return Preemption.EXIT_CODE if stopping else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,55 @@ def test_torchrun_two_ranks_split_the_stream_and_resume(
     assert os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
     again = load_checkpoint(cut / "last.ckpt")["model"]
     assert all(torch.equal(v, again[k]) for k, v in ckpt["model"].items())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(four_shards, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop after one same step (their flags are
+    all-reduced), rank 0 saves that step's checkpoint with both ranks' states, and each rank
+    exits 143."""
+    import signal
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    config = tiny_yaml(tmp_path, steps=500, ckpt_every=1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "hdvg.t2v.cli", "train", str(config), "--shards", str(four_shards)]
+    proc = subprocess.Popen([*cmd, "--output", str(run)], env=env, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            rank = child.environ().get("RANK") if "hdvg.t2v.cli" in child.cmdline() else None
+            if rank is not None and child.ppid() == proc.pid:
+                ranks[rank] = child
+        assert set(ranks) == {"0", "1"}, ranks
+        ranks["1"].send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # ranks that disagree would wait forever
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert err.count("SIGTERM: stopping after this step") == 1, err[-3000:]  # rank 1's
+    # torchrun's failure report: each rank's exit code. The rank that ends first ends with
+    # 143; torchrun then SIGTERMs the other, which may still be shutting down after the
+    # closing barrier (past the checkpoint) and so end by that signal (-15) rather than 143
+    exits = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", err))
+    assert set(exits) == {"0", "1"} and "143" in exits.values(), err[-3000:]
+    assert set(exits.values()) <= {"143", "-15"}, err[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err).group(1))
+    assert os.readlink(run / "last.ckpt") == f"checkpoints/step-{stopped:08d}.ckpt"
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["step"] == stopped and len(ckpt["data"]) == 2 and len(ckpt["rng"]) == 2
+    assert max(rows(run)) == stopped
 
 
 @pytest.mark.slow

@@ -299,6 +299,49 @@ def test_lr_schedule_is_the_one_each_step_used(shard_root, tmp_path, schedule):
         assert got == [0.5, 1, 0.868198, 0.55, 0.231802, 0.1]
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_root, tmp_path):
+    """SIGTERM to the whole process group (as SLURM or `kill -TERM -PGID` sends it; the loader
+    worker gets it too): the run ends after the step in progress with a checkpoint of that
+    step and exit 143, and `--resume` goes on from it."""
+    import signal
+    import time
+
+    cfg_path = tmp_path / "tiny.yaml"
+    d = tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET},
+                         data={"num_workers": 1}, train={"steps": 500, "ckpt_every": 1000})  # fmt: skip
+    cfg_path.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hdvg.t2v.cli", "train", str(cfg_path), "--shards",
+           str(shard_root), "--output", str(run)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err).group(1))
+    assert 2 <= stopped < 500
+    assert os.readlink(run / "last.ckpt") == f"checkpoints/step-{stopped:08d}.ckpt"
+    assert load_checkpoint(run / "last.ckpt")["step"] == stopped
+    assert max(losses(run)) == stopped  # its metrics row was written before it stopped
+    r = subprocess.run([*cmd, "--resume", "--steps", str(stopped + 2)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped}" in r.stderr
+    assert sorted(losses(run)) == list(range(1, stopped + 3))
+
+
 def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
     """A step's row (its loss read from the device) is written once the next step's work is
     queued, so the GPU never drains between steps for logging; a checkpoint step and the
@@ -532,6 +575,12 @@ def test_cli_shards_without_usable_clips_exit_2_with_one_line(tmp_path, capsys):
     assert "(3 undecodable, 0 shorter than 4 frames at the sampling rate, 0 shard" in err[0]
     assert str(bad) in err[0]
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+    # its loader worker (which leaves SIGTERM to the trainer) was stopped with the run: left
+    # alive, the interpreter's exit would SIGTERM it and wait on it forever
+    import psutil
+
+    me = psutil.Process()  # forked loader workers share its command line (Ray's do not)
+    assert [c for c in me.children() if c.is_running() and c.cmdline() == me.cmdline()] == []
 
 
 @pytest.mark.parametrize("flag", ["--frames", "--steps"])
