@@ -664,7 +664,7 @@ def _train(
         return (noisy, t, text), a.sqrt() * noise - (1 - a).sqrt() * latents
 
     k = tc.grad_accum_steps
-    stopping, stop_votes = False, None
+    stopping, stop_votes, stop_flag = False, None, torch.zeros((), device=device)
     while step < total_steps:
         t0 = time.perf_counter()
         data_wait, keys, loss = 0.0, [], torch.zeros((), device=device)
@@ -697,7 +697,9 @@ def _train(
         # (max) one step before they are read, as the metrics rows are
         if world > 1:
             stopping = bool(stop_votes) if stop_votes is not None else False
-            stop_votes = torch.tensor(float(preempt.requested), device=device)
+            if preempt.requested:
+                stop_flag.fill_(1.0)  # a kernel, not a copy from the host
+            stop_votes = stop_flag.clone()
             torch.distributed.all_reduce(stop_votes, op=torch.distributed.ReduceOp.MAX)
         else:
             stopping = preempt.requested
