@@ -115,10 +115,15 @@ class DataConfig:
     shuffle_buffer: int = 64
     random_start: bool = True  # random clip start inside the video (else the first frames)
     use_latents: bool = False  # read precomputed `{key}.latents.npy` members if present
+    # http(s) shards: a server silent this long (connecting, or between reads) fails the read
+    # (tried again, then the shard counts as broken) instead of stalling a loader worker
+    read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.stride is None):
             raise ConfigError("data: set exactly one of fps and stride")
+        if self.read_timeout_s <= 0:
+            raise ConfigError("data.read_timeout_s must be positive")
         if self.frames < 1 or min(self.size) < 8:
             raise ConfigError("data: frames >= 1 and size >= 8 required")
 

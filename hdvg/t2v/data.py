@@ -110,7 +110,20 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def read_tar(url: str, errors: list[str] | None = None) -> Iterator[dict[str, Any]]:
+def _open_options(url: str, timeout_s: float | None) -> dict[str, Any]:
+    """fsspec options for reading `url`: for http(s), aiohttp's connect and read timeouts
+    (its default is 5 minutes for a whole request, however long a shard takes)."""
+    if timeout_s is None or not url.startswith(("http://", "https://")):
+        return {}
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    return {"client_kwargs": {"timeout": timeout}}
+
+
+def read_tar(
+    url: str, errors: list[str] | None = None, timeout_s: float | None = None
+) -> Iterator[dict[str, Any]]:
     """Group a tar's members by key (``{key}.{ext}``); only regular, safe member names.
 
     A tar that breaks off (truncated, corrupt, a connection cut) ends after its last whole
@@ -120,7 +133,7 @@ def read_tar(url: str, errors: list[str] | None = None) -> Iterator[dict[str, An
     done = [0]  # samples yielded
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
-            yield from _tar_samples(url, done)
+            yield from _tar_samples(url, done, timeout_s)
             return
         except _read_errors() as e:
             # a remote shard's open or read failing (fsspec's http(s) reports a refused
@@ -142,10 +155,10 @@ def read_tar(url: str, errors: list[str] | None = None) -> Iterator[dict[str, An
             return  # the sample being read is incomplete
 
 
-def _tar_samples(url: str, done: list[int]) -> Iterator[dict[str, Any]]:
+def _tar_samples(url: str, done: list[int], timeout_s: float | None) -> Iterator[dict[str, Any]]:
     import fsspec
 
-    with fsspec.open(url, "rb") as f:
+    with fsspec.open(url, "rb", **_open_options(url, timeout_s)) as f:
         current: dict[str, Any] = {}
         with tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
@@ -295,7 +308,7 @@ class ShardClips(IterableDataset):
             def samples(mine=mine) -> Iterator[dict[str, Any]]:
                 n = 0
                 for url in mine:
-                    for s in read_tar(url, errors):
+                    for s in read_tar(url, errors, self.cfg.read_timeout_s):
                         if by_shard or n % total == gw:
                             yield s
                         n += 1

@@ -300,6 +300,7 @@ def test_shards_over_http_with_a_flaky_server(shard_root, tmp_path, capsys):
     answer short, costs that shard (counted), not the run; an unreachable --shards is one
     line and exit 2."""
     import socket
+    import time
 
     import yaml
 
@@ -327,11 +328,15 @@ def test_shards_over_http_with_a_flaky_server(shard_root, tmp_path, capsys):
         for url in (down, cut):
             errors = []
             assert list(read_tar(url, errors)) == [] and len(errors) == 1, url
-        ds = ShardClips([srv.file_url(src[1].name), srv.file_url(src[2].name), cut], cfg(frames=3))
+        # a server that answers the headers and then says nothing: data.read_timeout_s
+        hang = srv.route("/hang.tar", Route(file=src[0], hang_s=30))
+        ds = ShardClips([srv.file_url(src[1].name), srv.file_url(src[2].name), cut, hang],
+                        cfg(frames=3, read_timeout_s=0.5))  # fmt: skip
+        t0 = time.monotonic()
         items = list(islice(iter(ds), 4))  # an epoch: the two whole shards' 4 clips
-        assert (
-            len({i["key"] for i in items}) == 4 and max(i["skipped_bad_shard"] for i in items) == 1
-        )
+        assert len({i["key"] for i in items}) == 4
+        assert max(i["skipped_bad_shard"] for i in items) == 2  # the cut one and the silent one
+        assert time.monotonic() - t0 < 20  # 3 tries of 0.5 s, not the server's 30 s
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
