@@ -30,7 +30,7 @@ def _read_only(con, sql: str):
     statements = con.extract_statements(sql)
     if len(statements) != 1:
         raise NotAQuery(f"one SQL statement per call, got {len(statements)}")
-    (st,) = statements
+    st = top = statements[0]  # st: the statement an EXPLAIN chain comes down to
     text = st.query
     while st.type == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs what it explains
         words = [pos for pos, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
@@ -50,7 +50,7 @@ def _read_only(con, sql: str):
         raise NotAQuery(
             f"read-only: SELECT, WITH, FROM, DESCRIBE, SUMMARIZE or EXPLAIN, not {st.type.name}"
         )
-    return statements[0]
+    return top
 
 
 def query(out: str | Path | Out, sql: str) -> tuple[list[str], list[tuple]]:

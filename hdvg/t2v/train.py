@@ -183,9 +183,11 @@ def sample_previews(
     sc = cfg.sample
     out = run_dir / "samples" / f"step-{step:08d}"
     out.mkdir(parents=True, exist_ok=True)
-    own = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    own = None  # the U-Net's own weights, while the EMA's stand in (as `sample.use_ema` asks)
+    if sc.use_ema:
+        own = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+        unet.load_state_dict(ema.shadow)
     was_training = unet.training
-    unet.load_state_dict(ema.shadow if sc.use_ema else own)
     unet.eval()
     try:
         with torch.compiler.set_stance("force_eager"):
@@ -198,7 +200,8 @@ def sample_previews(
                 write_mp4(video, out / f"{i:02d}.mp4", sc.fps or cfg.data.fps or 8.0)
                 (out / f"{i:02d}.txt").write_text(prompt + "\n", encoding="utf-8")
     finally:
-        unet.load_state_dict(own)
+        if own is not None:
+            unet.load_state_dict(own)
         unet.train(was_training)
     return out
 

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,26 @@ def shard_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hdvg_out")
     make_shards(root, 6)
     return root
+
+
+@contextlib.contextmanager
+def training_run(cmd: list[str], env: dict[str, str], run: Path, rows: int = 2):
+    """`cmd` (a training launch) in its own process group, yielded once RUN/metrics.jsonl has
+    `rows` rows; the group is SIGKILLed on the way out if still alive (a failed test leaves
+    no trainer behind)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+                break
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # --- tiny models -------------------------------------------------------------------------------

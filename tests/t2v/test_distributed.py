@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from hdvg.t2v.train import load_checkpoint
-from tests.t2v.conftest import ROOT, make_shards
+from tests.t2v.conftest import ROOT, make_shards, training_run
 
 TINY = ROOT / "pipelines" / "t2v-tiny.yaml"  # batch 2, one DataLoader worker, fp32
 
@@ -135,7 +135,6 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(four_shards, tmp_pat
     all-reduced), rank 0 saves that step's checkpoint with both ranks' states, and each rank
     exits 143."""
     import signal
-    import time
 
     import psutil
 
@@ -144,14 +143,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(four_shards, tmp_pat
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "hdvg.t2v.cli", "train", str(config), "--shards", str(four_shards)]
-    proc = subprocess.Popen([*cmd, "--output", str(run)], env=env, cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
+    with training_run([*cmd, "--output", str(run)], env, run) as proc:
         ranks = {}
         for child in psutil.Process(proc.pid).children(recursive=True):
             rank = child.environ().get("RANK") if "hdvg.t2v.cli" in child.cmdline() else None
@@ -160,10 +152,6 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(four_shards, tmp_pat
         assert set(ranks) == {"0", "1"}, ranks
         ranks["1"].send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)  # ranks that disagree would wait forever
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert err.count("SIGTERM: stopping after this step") == 1, err[-3000:]  # rank 1's
     # torchrun's failure report: each rank's exit code. The rank that ends first ends with
     # 143; torchrun then SIGTERMs the other, which may still be shutting down after the

@@ -17,7 +17,7 @@ import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, from_dict, load_config
 from hdvg.t2v.train import load_checkpoint, main
-from tests.t2v.conftest import ROOT, make_shards, tiny_config_dict
+from tests.t2v.conftest import ROOT, make_shards, tiny_config_dict, training_run
 
 MICRO_UNET = {
     "block_out_channels": [16, 32],
@@ -304,7 +304,6 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_root, tmp_path):
     worker gets it too): the run ends after the step in progress with a checkpoint of that
     step and exit 143, and `--resume` goes on from it."""
     import signal
-    import time
 
     cfg_path = tmp_path / "tiny.yaml"
     d = tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET},
@@ -314,21 +313,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_root, tmp_path):
     cmd = [sys.executable, "-m", "hdvg.t2v.cli", "train", str(cfg_path), "--shards",
            str(shard_root), "--output", str(run)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        metrics = run / "metrics.jsonl"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
+    with training_run(cmd, env, run) as proc:
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 143, err[-3000:]
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err).group(1))
     assert 2 <= stopped < 500
