@@ -24,6 +24,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg, shards, args.output, steps=args.steps, resume=args.resume,
             address=args.ray_address, workers=args.ray_workers,
             gpus_per_worker=args.ray_gpus_per_worker, cpus_per_worker=args.ray_cpus_per_worker,
+            max_failures=args.ray_max_failures,
         )  # fmt: skip
     return main(cfg, shards, args.output, steps=args.steps, resume=args.resume)
 
@@ -81,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=positive_int, default=None, help="total steps (default: train.steps)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt (or start, if there is none yet); "
+                   "without it, a RUN_DIR holding a run is refused")  # fmt: skip
     r = p.add_argument_group(
         "Ray Train (instead of torchrun; RUN_DIR on a filesystem all nodes share)"
     )
@@ -97,6 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--ray-cpus-per-worker", type=float, default=None, help="default: 1 + data.num_workers"
     )
+    r.add_argument(
+        "--ray-max-failures", type=int, default=0, metavar="N",
+        help="restart the workers from RUN_DIR/last.ckpt after up to N failures (-1: no limit); "
+        "node preemptions restart without limit (default: 0)",
+    )  # fmt: skip
     p.set_defaults(func=_guard(_train), command="train")
 
     s = subparsers.add_parser("sample", help="sample a video from a t2v checkpoint")

@@ -14,6 +14,16 @@ and on ``--resume`` every rank reads ``RUN_DIR/last.ckpt``; so a run started und
 resumes under Ray and the other way round. Ray Train's own checkpoints are not used (ours
 hold the optimizer, EMA, RNG and data position); its run state goes to ``RUN_DIR/ray/``.
 Workers need hdvg installed (the docker image), as the curation workers do.
+
+Failures. Ray Train restarts the worker group after a node preemption (a spot instance
+reclaimed: without limit, Ray's default) and, with ``--ray-max-failures N``, after N other
+worker failures (a node lost, a process killed); each restart resumes from
+``RUN_DIR/last.ckpt`` -- every worker runs with ``--resume``, and the launch itself refuses a
+run dir that holds a run unless ``--resume`` was given, so a restart never trains over the
+run from step 0. When a node is about to be preempted (Ray's drain notice, with its
+deadline), the trainer checkpoints after the step in progress and trains on
+(:func:`preemption_notice`), so the restart loses at most that step's work, not everything
+since the last ``train.ckpt_every``.
 """
 
 from __future__ import annotations
@@ -33,8 +43,25 @@ def _absolute(spec: str) -> str:
     return spec if "://" in spec else os.path.abspath(spec)
 
 
+def preemption_notice() -> Any:
+    """This worker's node-preemption notice (Ray Train's ``PreemptionInfo``: the nodes and
+    ranks to go, and the deadline), or None. Read from the worker's own train context, where
+    Ray Train's preemption watcher puts it: a plain attribute read, cheap enough to poll every
+    step. The public ``ray.train.get_preemption_info()`` returns the same but is a collective
+    through Ray (~3.5 ms a call with 2 workers on a 2-core machine), and the trainer already
+    agrees across ranks on its own (:class:`hdvg.t2v.train.Preemption`)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except (ImportError, AttributeError, RuntimeError):  # another Ray: no notice, periodic ckpts
+        return None
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: one DDP rank of :func:`hdvg.t2v.train.main`."""
+    """One Ray Train worker: one DDP rank of :func:`hdvg.t2v.train.main`. Always with
+    `resume`: a restarted worker group goes on from RUN_DIR/last.ckpt (the launch checked
+    that a run without --resume starts in a run dir without one)."""
     import torch
 
     from hdvg.t2v.train import main
@@ -45,7 +72,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
         torch.cuda.set_device(ray.train.torch.get_device())
     cfg = from_dict(T2VConfig, config["cfg"])
-    rc = main(cfg, config["shards"], config["output"], config["steps"], config["resume"])
+    rc = main(cfg, config["shards"], config["output"], config["steps"], resume=True,
+              preemption_notice=preemption_notice)  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"training exited with status {rc}")
 
@@ -61,23 +89,30 @@ def launch(
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
+    max_failures: int = 0,
 ) -> int:
     """Run :func:`train_loop` on ``workers`` Ray Train workers; 0 when training finished.
 
     Defaults: one worker per GPU of the cluster (one worker without GPUs), one GPU per worker
     when the cluster has GPUs, and ``1 + data.num_workers`` CPUs per worker (the rank and its
-    DataLoader processes).
+    DataLoader processes). ``max_failures``: worker-group failures other than preemptions to
+    restart from (-1: without limit); preemptions restart without limit.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from hdvg.t2v.data import expand_shards
+    from hdvg.t2v.train import check_fresh_run
 
     specs = [shards] if isinstance(shards, str) else list(shards)
     specs = [_absolute(s) for s in specs]
-    expand_shards(specs)  # a wrong spec fails here, in one line, not in every worker
+    # a wrong spec fails here, in one line, not in every worker
+    expand_shards(specs)
     run_dir = Path(output).absolute()
+    check_fresh_run(run_dir, resume)  # the workers always resume (restarts go on from there)
+    if max_failures < -1:
+        raise ConfigError(f"--ray-max-failures {max_failures}: give N >= 0, or -1 for no limit")
     if not ray.is_initialized():
         # address None: RAY_ADDRESS if set (ray job submit, KubeRay), else a local Ray. Its
         # dashboard stays on: it serves the state API Ray Train's placement-group cleaner polls
@@ -105,15 +140,16 @@ def launch(
             "shards": specs[0] if len(specs) == 1 else specs,
             "output": str(run_dir),
             "steps": steps,
-            "resume": resume,
         },
         torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
         ),
-        # a failed run is rerun by the user with --resume (from RUN_DIR/last.ckpt)
+        # a restart (or the user's rerun with --resume) goes on from RUN_DIR/last.ckpt
         run_config=RunConfig(
-            name="ray", storage_path=str(run_dir), failure_config=FailureConfig(max_failures=0)
+            name="ray",
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     try:

@@ -29,6 +29,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -299,14 +300,31 @@ class Preemption:
     change nothing (under torchrun a rank may get one from the group and one forwarded by
     the agent); the scheduler's SIGKILL after its grace period is the hard stop. Installed
     only in the main thread (elsewhere, as in a Ray Train worker, the launcher handles
-    signals)."""
+    signals).
+
+    `notice`, when given, is polled once per step: anything but None announces that this
+    worker's node will be taken away (Ray Train's node-preemption notice,
+    :func:`hdvg.t2v.ray_train.preemption_notice`). The run then checkpoints once, after the
+    step in progress, and trains on: the launcher restarts it from that checkpoint when the
+    node is gone."""
 
     EXIT_CODE = 128 + signal.SIGTERM  # 143, as a process ended by SIGTERM reports
 
-    def __init__(self) -> None:
+    def __init__(self, notice: Callable[[], Any] | None = None) -> None:
         self.requested = False
         self._old: Any = None
         self.installed = False
+        self._notice = notice
+        self.noticed = False
+
+    def notice_given(self) -> bool:
+        """Whether a preemption notice has come (polled; logged once)."""
+        if not self.noticed and self._notice is not None:
+            info = self._notice()
+            if info is not None:
+                log.warning("node preemption notice (%s): checkpointing after this step", info)
+                self.noticed = True
+        return self.noticed
 
     def __enter__(self) -> Preemption:
         try:
@@ -401,11 +419,19 @@ def setup_distributed() -> tuple[int, int, torch.device, bool]:
 
 def trim_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint a run resumes from: a killed run logged steps it
-    then lost, and the resumed run logs them again (metrics.jsonl keeps one row per step)."""
+    then lost, and the resumed run logs them again (metrics.jsonl keeps one row per step). A
+    row cut short by the kill goes too."""
     if not path.exists():
         return
+
+    def row_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
     lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = [ln for ln in lines if ln.endswith("\n") and row_step(ln) <= step]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
@@ -465,10 +491,23 @@ def main(
     output: str | Path,
     steps: int | None = None,
     resume: bool = False,
+    preemption_notice: Callable[[], Any] | None = None,
 ) -> int:
-    """Train; 0 when done, `Preemption.EXIT_CODE` when stopped by SIGTERM (checkpointed)."""
-    with Preemption() as preempt, contextlib.ExitStack() as cleanup:
+    """Train; 0 when done, `Preemption.EXIT_CODE` when stopped by SIGTERM (checkpointed).
+    `preemption_notice`: see :class:`Preemption`."""
+    with Preemption(preemption_notice) as preempt, contextlib.ExitStack() as cleanup:
         return _train(cfg, shards, output, steps, resume, preempt, cleanup)
+
+
+def check_fresh_run(run_dir: Path, resume: bool) -> None:
+    """A run without `--resume` must not start over a run dir that holds a run: it would train
+    from step 0 and write its checkpoints and metrics over that run's."""
+    last = Path(run_dir) / "last.ckpt"
+    if not resume and (last.exists() or last.is_symlink()):
+        raise ConfigError(
+            f"{run_dir} already holds a run ({last}): pass --resume to go on from it, or "
+            f"another --output to start a new one"
+        )
 
 
 def _train(
@@ -483,6 +522,7 @@ def _train(
     tc = cfg.train
     total_steps = steps if steps is not None else tc.steps
     run_dir = Path(output)
+    check_fresh_run(run_dir, resume)  # every rank, before any collective: all raise alike
     rank, world, device, own_group = setup_distributed()
     is_main = rank == 0
     if is_main:
@@ -557,10 +597,10 @@ def _train(
         log.info("resumed from %s at step %d", last, step)
         if is_main:
             trim_metrics(run_dir / "metrics.jsonl", step)
-    elif resume:
+    elif resume:  # a restart before the first checkpoint drops the rows of the lost steps
         log.info("no %s yet: starting from scratch", last)
-    else:
-        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+        if is_main:
+            trim_metrics(run_dir / "metrics.jsonl", step)
     if is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -668,6 +708,7 @@ def _train(
 
     k = tc.grad_accum_steps
     stopping, stop_votes, stop_flag = False, None, torch.zeros((), device=device)
+    voted, noticed = 0, False  # this rank's vote so far; a notice acted on
     while step < total_steps:
         t0 = time.perf_counter()
         data_wait, keys, loss = 0.0, [], torch.zeros((), device=device)
@@ -696,17 +737,25 @@ def _train(
         if pending is not None:
             write_row(pending)
             pending = None
-        # SIGTERM: every rank stops after the same step -- the ranks' flags are all-reduced
-        # (max) one step before they are read, as the metrics rows are
+        # SIGTERM (vote 2: checkpoint and stop) and a node-preemption notice (vote 1: checkpoint
+        # once and train on): every rank acts after the same step -- the ranks' votes are
+        # all-reduced (max) one step before they are read, as the metrics rows are
+        want = 2 if preempt.requested else int(preempt.notice_given())
         if world > 1:
-            stopping = bool(stop_votes) if stop_votes is not None else False
-            if preempt.requested:
-                stop_flag.fill_(1.0)  # a kernel, not a copy from the host
+            vote = int(stop_votes) if stop_votes is not None else 0
+            if want > voted:
+                stop_flag.fill_(want)  # a kernel, not a copy from the host
+                voted = want
             stop_votes = stop_flag.clone()
             torch.distributed.all_reduce(stop_votes, op=torch.distributed.ReduceOp.MAX)
         else:
-            stopping = preempt.requested
-        checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping
+            vote = want
+        stopping = vote >= 2
+        just_in_time = vote == 1 and not noticed  # once per notice
+        noticed = noticed or vote >= 1
+        if just_in_time and is_main:
+            log.warning("checkpoint after step %d for the preemption notice", step)
+        checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping or just_in_time
         if step % tc.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)

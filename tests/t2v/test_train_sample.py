@@ -69,7 +69,21 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert torch.backends.cudnn.benchmark  # train.cudnn_benchmark's default
     assert main(cfg(cudnn_benchmark=False), str(shard_root), cut, steps=2) == 0  # "killed"
     assert not torch.backends.cudnn.benchmark
+    # without --resume, a run dir holding a run is refused, untouched (it would train from
+    # step 0 over that run's checkpoints and metrics)
+    before = (cut / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .*pass --resume"):
+        main(cfg(), str(shard_root), cut)
+    assert (cut / "metrics.jsonl").read_text() == before
+    assert os.readlink(cut / "last.ckpt") == "checkpoints/step-00000002.ckpt"
+    # the "killed" run had logged step 3 and half of step 4's row: both are dropped on resume
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write(before.splitlines(keepends=True)[-1].replace('"step": 2', '"step": 3'))
+        f.write('{"step": 4, "lo')
     assert main(cfg(), str(shard_root), cut, resume=True) == 0
+    assert [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
     a, b = losses(full), losses(cut)
     assert [a[s] for s in (1, 2, 3, 4)] == [b[s] for s in (1, 2, 3, 4)]
     assert os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
@@ -85,6 +99,22 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
         assert main(cfg(), str(shard_root), cut, steps=3, resume=True) == 0
     assert "nothing to train: the run is at step 4 and --steps / train.steps is 3" in caplog.text
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
+
+
+def test_a_restart_before_the_first_checkpoint_starts_over_cleanly(shard_root, tmp_path):
+    """`--resume` in a run dir that has rows but no checkpoint yet (a restart by torchrun or
+    Ray Train of a run killed before its first checkpoint): training starts from step 0, and
+    the lost steps' rows -- the last cut short -- are dropped, not logged twice."""
+    cfg = micro_cfg(steps=3, ckpt_every=1000)
+    cfg.data.num_workers = 0
+    full, early = tmp_path / "full", tmp_path / "early"
+    assert main(cfg, str(shard_root), full) == 0
+    early.mkdir()
+    lines = (full / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (early / "metrics.jsonl").write_text(lines[0] + lines[1][:20])
+    assert main(cfg, str(shard_root), early, resume=True) == 0
+    assert (early / "metrics.jsonl").read_text().count("\n") == 3
+    assert losses(early) == losses(full)
 
 
 def test_a_step_with_non_finite_gradients_updates_nothing(shard_root, tmp_path, monkeypatch):
