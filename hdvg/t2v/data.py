@@ -52,14 +52,18 @@ class ShardsUnreachable(ConfigError):
     """`--shards` names a place that cannot be listed (no such host, refused, no access)."""
 
 
-def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+def expand_shards(
+    spec: str | list[str] | tuple[str, ...], timeout_s: float | None = None
+) -> list[str]:
     """Shard URLs for a spec: dir, brace pattern, glob, file, or a list (sorted, deduplicated).
 
     A name ending in ``.tar`` is a shard, not a folder: it is not listed (over http(s) a
     listing is a GET, which reads the whole shard when its server sends no content type or
     text/html). Of the many names a brace pattern makes, only the first and the
     last are checked to exist (a typo shows at once; thousands of requests per rank at start
-    would not): a missing one in between counts as a broken shard when its turn comes."""
+    would not): a missing one in between counts as a broken shard when its turn comes.
+    ``timeout_s`` bounds an http(s) server's silence, as for the reads (`data.read_timeout_s`):
+    one that does not answer makes its name count as missing."""
     import braceexpand
     import fsspec
 
@@ -69,7 +73,7 @@ def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
         names = list(braceexpand.braceexpand(s))
         for i, one in enumerate(names):
             try:
-                fs, path = fsspec.core.url_to_fs(one)
+                fs, path = fsspec.core.url_to_fs(one, **_open_options(one, timeout_s))
                 if any(c in path for c in "*?["):
                     found = sorted(fs.glob(path))
                 elif path.endswith(".tar"):
@@ -279,7 +283,7 @@ class ShardClips(IterableDataset):
 
     def __init__(self, spec: str | list[str], cfg: DataConfig, seed: int = 0):
         super().__init__()
-        self.urls = expand_shards(spec)
+        self.urls = expand_shards(spec, cfg.read_timeout_s)
         self.cfg = cfg
         self.seed = seed
         self.cursors: dict[int, int] = {}  # global worker id -> raw samples already consumed

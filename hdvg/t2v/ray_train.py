@@ -108,7 +108,7 @@ def launch(
     specs = [shards] if isinstance(shards, str) else list(shards)
     specs = [_absolute(s) for s in specs]
     # a wrong spec fails here, in one line, not in every worker
-    expand_shards(specs)
+    expand_shards(specs, cfg.data.read_timeout_s)
     run_dir = Path(output).absolute()
     check_fresh_run(run_dir, resume)  # the workers always resume (restarts go on from there)
     if max_failures < -1:

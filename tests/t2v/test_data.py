@@ -337,6 +337,12 @@ def test_shards_over_http_with_a_flaky_server(shard_root, tmp_path, capsys):
         assert len({i["key"] for i in items}) == 4
         assert max(i["skipped_bad_shard"] for i in items) == 2  # the cut one and the silent one
         assert time.monotonic() - t0 < 20  # 3 tries of 0.5 s, not the server's 30 s
+        # one that does not answer at all: the start-up check of --shards gives up as soon
+        mute = srv.route("/mute.tar", Route(file=src[0], delay_s=30))
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError, match="no shards at"):
+            expand_shards(mute, timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
