@@ -171,9 +171,14 @@ def sample_previews(
     text_encoder,
     vae: VideoVAE,
     device: torch.device,
-) -> Path:
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[Path, list[int]]:
     """`train.sample_every`: each of `sample.prompts` sampled with the EMA weights, as `hdvg
     sample` would from this step's checkpoint, into RUN/samples/step-NNNNNNNN/{i}.mp4 + .txt.
+    Under DDP each rank samples its share (prompt i on rank i % world), so a preview takes
+    1/world of the time one rank would and no rank waits long for another. Returns the folder
+    and the prompts sampled here.
 
     The EMA weights are swapped into the U-Net for the while (its own weights wait on the
     host) and it runs eager (a compiled U-Net would recompile for the sampler's shapes); the
@@ -183,6 +188,9 @@ def sample_previews(
 
     sc = cfg.sample
     out = run_dir / "samples" / f"step-{step:08d}"
+    mine = [i for i in range(len(sc.prompts)) if i % world == rank]
+    if not mine:
+        return out, mine
     out.mkdir(parents=True, exist_ok=True)
     own = None  # the U-Net's own weights, while the EMA's stand in (as `sample.use_ema` asks)
     if sc.use_ema:
@@ -192,7 +200,8 @@ def sample_previews(
     unet.eval()
     try:
         with torch.compiler.set_stance("force_eager"):
-            for i, prompt in enumerate(sc.prompts):
+            for i in mine:
+                prompt = sc.prompts[i]
                 video = generate(
                     cfg, unet, text_encoder, vae, prompt,
                     frames=sc.frames or cfg.data.frames, steps=sc.steps, guidance=sc.guidance,
@@ -204,7 +213,7 @@ def sample_previews(
         if own is not None:
             unet.load_state_dict(own)
         unet.train(was_training)
-    return out
+    return out, mine
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -790,12 +799,13 @@ def _train(
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
-        if tc.sample_every and step % tc.sample_every == 0 and is_main:
-            # the other ranks wait for rank 0 in the next step's all-reduce
+        if tc.sample_every and step % tc.sample_every == 0:  # each rank its share
             t_sample = time.perf_counter()
-            where = sample_previews(run_dir, step, cfg, unet, ema, text_encoder, vae, device)
-            log.info("sampled %d prompt(s) into %s in %.1f s", len(cfg.sample.prompts), where,
-                     time.perf_counter() - t_sample)  # fmt: skip
+            where, done = sample_previews(run_dir, step, cfg, unet, ema, text_encoder, vae,
+                                          device, rank, world)  # fmt: skip
+            if done:
+                log.info("rank %d: sampled prompt(s) %s into %s in %.1f s", rank,
+                         ",".join(map(str, done)), where, time.perf_counter() - t_sample)  # fmt: skip
         if stopping:
             break
 

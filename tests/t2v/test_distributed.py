@@ -23,10 +23,14 @@ from tests.t2v.conftest import ROOT, make_shards, training_run
 TINY = ROOT / "pipelines" / "t2v-tiny.yaml"  # batch 2, one DataLoader worker, fp32
 
 
-def tiny_yaml(tmp: Path, **train) -> Path:
-    """The shipped tiny config with `train` overrides."""
+PROMPTS = ["a red car", "waves at dusk", "a dog running"]
+
+
+def tiny_yaml(tmp: Path, sample: dict | None = None, **train) -> Path:
+    """The shipped tiny config with `train` (and `sample`) overrides."""
     cfg = yaml.safe_load(TINY.read_text())
     cfg["train"] |= train
+    cfg["sample"] |= sample or {}
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -65,7 +69,8 @@ def torchrun(config: Path, shards: Path, run: Path, steps: int, resume: bool = F
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    return tiny_yaml(tmp_path_factory.mktemp("cfg"), ckpt_every=2)
+    previews = {"prompts": PROMPTS, "steps": 2, "frames": 2}
+    return tiny_yaml(tmp_path_factory.mktemp("cfg"), previews, ckpt_every=2, sample_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +114,39 @@ def test_torchrun_two_ranks_split_the_stream_and_resume(
     got = check_two_rank_run(full, four_shards)
     assert log.count("saved checkpoint") == 2  # each checkpoint written once, by rank 0
     ckpt = load_checkpoint(full / "last.ckpt")
+
+    # previews at steps 2 and 4, the prompts shared out (i on rank i % 2): what `hdvg sample`
+    # makes from that step's checkpoint, whichever rank sampled it
+    assert (
+        log.count("rank 0: sampled prompt(s) 0,2") == log.count("rank 1: sampled prompt(s) 1") == 2
+    )
+    for step in (2, 4):
+        where = full / "samples" / f"step-{step:08d}"
+        assert sorted(p.name for p in where.iterdir()) == [
+            f"{i:02d}.{x}" for i in range(3) for x in ("mp4", "txt")
+        ]
+    ref = tmp_path / "ref.mp4"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "hdvg",
+        "sample",
+        "--ckpt",
+        str(full / "checkpoints" / "step-00000004.ckpt"),
+        "--prompt",
+        PROMPTS[1],
+        "--out",
+        str(ref),
+        "--frames",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+    ]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    assert (full / "samples" / "step-00000004" / "01.mp4").read_bytes() == ref.read_bytes()
 
     # killed after logging step 4 but before its checkpoint: resumed under torchrun from step
     # 2, it drops the lost rows and trains steps 3-4 again on the same clips, to the same losses
