@@ -23,11 +23,14 @@ run dir that holds a run unless ``--resume`` was given, so a restart never train
 run from step 0. When a node is about to be preempted (Ray's drain notice, with its
 deadline), the trainer checkpoints after the step in progress and trains on
 (:func:`preemption_notice`), so the restart loses at most that step's work, not everything
-since the last ``train.ckpt_every``.
+since the last ``train.ckpt_every``. A failure a restart would only repeat (a bad config or
+shards, a diverged run) is recorded in ``RUN_DIR/ray/abort.json``: restarted workers return
+at once and the launch ends with that reason, as a single-process run would.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,6 +61,30 @@ def preemption_notice() -> Any:
         return None
 
 
+# a worker's failure that a restart would only repeat (bad config or shards, a diverged
+# run) is recorded here under RUN_DIR: the restarted workers return at once and the launch
+# reports it, instead of --ray-max-failures restarts (or, with -1, endless ones) of the same
+ABORT_FILE = "ray/abort.json"
+
+
+def _final_kind(error: BaseException) -> str | None:
+    """'input' (exit 2), 'diverged' (exit 1), or None: a failure a restart may mend."""
+    from hdvg.t2v.data import NoClipsError
+    from hdvg.t2v.train import DivergedError
+
+    if isinstance(error, DivergedError):
+        return "diverged"
+    if isinstance(error, ConfigError | NoClipsError | FileNotFoundError | PermissionError):
+        return "input"
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    from hdvg.t2v.data import NoClipsError
+
+    return str(NoClipsError(str(error))) if isinstance(error, NoClipsError) else str(error)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: one DDP rank of :func:`hdvg.t2v.train.main`. Always with
     `resume`: a restarted worker group goes on from RUN_DIR/last.ckpt (the launch checked
@@ -71,9 +98,22 @@ def train_loop(config: dict[str, Any]) -> None:
         import ray.train.torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
+    abort = Path(config["output"]) / ABORT_FILE
+    if abort.exists():  # an earlier attempt of this launch failed in a way no restart mends
+        log.warning("not restarting: %s", json.loads(abort.read_text())["message"])
+        return  # every rank alike (RUN_DIR is shared): the launch reports the failure
     cfg = from_dict(T2VConfig, config["cfg"])
-    rc = main(cfg, config["shards"], config["output"], config["steps"], resume=True,
-              preemption_notice=preemption_notice)  # fmt: skip
+    try:
+        rc = main(cfg, config["shards"], config["output"], config["steps"], resume=True,
+                  preemption_notice=preemption_notice)  # fmt: skip
+    except Exception as e:
+        kind = _final_kind(e)
+        if kind is not None:
+            tmp = abort.with_name(f".{abort.name}.{os.getpid()}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"kind": kind, "message": _reason(e)}))
+            os.replace(tmp, abort)
+        raise
     if rc != 0:
         raise RuntimeError(f"training exited with status {rc}")
 
@@ -152,15 +192,29 @@ def launch(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+    abort = run_dir / ABORT_FILE
+    abort.unlink(missing_ok=True)  # a rerun after the cause was mended
     try:
         trainer.fit()
     except TrainingFailedError as e:
-        bad = _known_failure(e)
+        bad = _recorded_failure(abort) or _known_failure(e)
         if bad is not None:  # as in a single-process run: one line, exit 2 (1: diverged)
             raise bad from None
         log.error("Ray Train run failed: %s", e)
         return 1
+    bad = _recorded_failure(abort)  # the restarted workers returned at once
+    if bad is not None:
+        raise bad
     return 0
+
+
+def _recorded_failure(abort: Path) -> Exception | None:
+    from hdvg.t2v.train import DivergedError
+
+    if not abort.exists():
+        return None
+    rec = json.loads(abort.read_text())
+    return (DivergedError if rec["kind"] == "diverged" else ConfigError)(rec["message"])
 
 
 def _known_failure(error: Exception) -> Exception | None:

@@ -230,15 +230,24 @@ def test_ray_train_runs_the_same_loop(
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
     # a worker's bad input (shards with nothing to train on) ends the launch as it ends a
-    # single-process run: exit 2, its reason as the last line, not Ray's wrapped traceback
+    # single-process run: exit 2, its reason as the last line, not Ray's wrapped traceback --
+    # also when restarts are allowed without limit: a restart would fail the same way, so the
+    # restarted workers return at once (ray/abort.json) instead of failing forever
     from tests.t2v.test_data import bad_shards
 
     capsys.readouterr()
     nothing = bad_shards(tmp_path / "bad")
     argv = ["train", str(config), "--shards", str(nothing), "--output", str(tmp_path / "r2")]
-    assert cli(argv + ["--steps", "1", "--ray-workers", "1", "--ray-cpus-per-worker", "1"]) == 2
+    one = ["--ray-workers", "1", "--ray-cpus-per-worker", "1", "--ray-max-failures", "-1"]
+    assert cli(argv + ["--steps", "1"] + one) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hdvg train: loader worker 0: no usable clip"), last
+    # a diverged run (lr 1e30: every step's gradients non-finite) likewise: exit 1, one line
+    diverges = tiny_yaml(tmp_path, lr=1e30, warmup_steps=1, max_nonfinite_steps=2)
+    argv = ["train", str(diverges), "--shards", str(four_shards), "--output", str(tmp_path / "r3")]
+    assert cli(argv + ["--steps", "6"] + one) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"hdvg train: steps \d+-\d+ had non-finite gradients", last), last
 
 
 @pytest.mark.slow
