@@ -74,3 +74,33 @@ def test_rayjob_runs_hdvg_curate():
     for pod in [head] + [g["template"]["spec"] for g in groups]:
         mounts = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
         assert "/data" in mounts
+
+
+def test_rayjob_train_runs_hdvg_train_on_every_gpu():
+    """docker/rayjob-train.yaml: its entrypoint is a valid `hdvg train` on Ray Train that a
+    resubmitted driver can rerun (--resume), with as many ranks as the GPU group has GPUs,
+    and CPUs for each rank and its loader workers (the default --ray-cpus-per-worker)."""
+    job = yaml.safe_load((DOCKER / "rayjob-train.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["hdvg", "train"]
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on a bad command
+    config = Path(args.config)
+    assert config.parts[:2] == ("/", "app") and (ROOT / config.relative_to("/app")).is_file()
+    assert args.resume and args.ray_address == "auto" and args.ray_max_failures > 0
+    assert args.ray_gpus_per_worker is None and args.ray_cpus_per_worker is None  # defaults
+    import ray
+
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
+    (gpu,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    (box,) = gpu["template"]["spec"]["containers"]
+    assert box["image"] == "hdvg:cuda"
+    per_node = int(box["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu["replicas"] == gpu["minReplicas"] and per_node * gpu["replicas"] == args.ray_workers
+    loaders = yaml.safe_load((ROOT / "pipelines" / "t2v-base.yaml").read_text())["data"]
+    assert int(box["resources"]["requests"]["cpu"]) >= per_node * (1 + loaders["num_workers"])
+    mounts = {m["mountPath"] for m in box["volumeMounts"]}
+    assert {"/data", "/dev/shm"} <= mounts  # the shared run dir; the loaders' shared memory
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "/data" in {m["mountPath"] for m in head["volumeMounts"]}
