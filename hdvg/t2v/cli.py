@@ -42,6 +42,8 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         negative_prompt=args.negative_prompt,
+        prompts_file=args.prompts,
+        batch_size=args.batch_size,
     )
 
 
@@ -108,12 +110,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = subparsers.add_parser("sample", help="sample a video from a t2v checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint, e.g. RUN_DIR/last.ckpt")
-    s.add_argument("--prompt", required=True, help="what the video shows")
-    s.add_argument("--out", required=True, help="output .mp4")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what the video shows")
+    what.add_argument(
+        "--prompts", metavar="FILE", help="one prompt a line: a video each, into the folder --out"
+    )
+    s.add_argument("--out", required=True, help="output .mp4 (with --prompts: a folder)")
+    s.add_argument(
+        "--batch-size", type=positive_int, default=4,
+        help="with --prompts: prompts denoised together (default: 4)",
+    )  # fmt: skip
     s.add_argument("--frames", type=positive_int, default=None, help="default: the config's")
     s.add_argument("--steps", type=positive_int, default=None, help="DDIM steps")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0, help="same seed, same video")
+    s.add_argument("--seed", type=int, default=0,
+                   help="same seed, same video (with --prompts: line i takes seed + i)")  # fmt: skip
     s.add_argument("--negative-prompt", default=None, help="guided away from (default: empty)")
     s.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     s.set_defaults(func=_guard(_sample), command="sample")

@@ -1,4 +1,5 @@
-"""``hdvg sample --ckpt CKPT --prompt TEXT --out FILE.mp4 [--frames N --steps K --guidance G --seed S]``.
+"""``hdvg sample --ckpt CKPT --prompt TEXT --out FILE.mp4 [--frames N --steps K --guidance G --seed S]``,
+or ``--prompts FILE --out DIR [--batch-size B]``: one video per line of FILE, B at a time.
 
 DDIM (diffusers' ``DDIMScheduler``, the training schedule's betas) with classifier-free
 guidance: ``eps = eps(x, "") + g * (eps(x, prompt) - eps(x, ""))`` (Ho & Salimans 2022, eq. 6),
@@ -56,34 +57,59 @@ def generate(
     negative_prompt: str = "",
 ) -> np.ndarray:
     """Returns uint8 frames ``(F, H, W, 3)``."""
+    return generate_batch(cfg, unet, text_encoder, vae, [prompt], [seed], frames, steps,
+                          guidance, device, negative_prompt)[0]  # fmt: skip
+
+
+@torch.no_grad()
+def generate_batch(
+    cfg: T2VConfig,
+    unet: SwapUNet,
+    text_encoder,
+    vae: VideoVAE,
+    prompts: list[str],
+    seeds: list[int],
+    frames: int,
+    steps: int,
+    guidance: float,
+    device: torch.device,
+    negative_prompt: str = "",
+) -> list[np.ndarray]:
+    """One video per prompt, denoised together (one U-Net call of 2 x B a step); video i's
+    noise comes from seeds[i] alone, so it is the video `generate` makes with that seed (up
+    to float rounding: batched convolutions may sum in another order). Returns uint8 frames
+    ``(F, H, W, 3)`` per prompt."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    b = len(prompts)
     height, width = cfg.data.size
     s = vae.downsample
     if height % s or width % s:
         raise ValueError(f"size {height}x{width} must divide by the VAE factor {s}")
     scheduler = noise_scheduler(cfg, "ddim")
     scheduler.set_timesteps(steps, device=device)
-    text = encode_prompts(text_encoder, [negative_prompt, prompt], device).float()  # (2, L, D)
+    text = encode_prompts(text_encoder, [negative_prompt] * b + list(prompts), device).float()
     shape = (1, vae.latent_channels, frames, height // s, width // s)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(device) * scheduler.init_noise_sigma  # (1,c,F,h,w)
-    t0 = time.perf_counter()
-    every = max(1, len(scheduler.timesteps) // 10)  # ~10 progress lines a video
+    x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                   for seed in seeds]).to(device) * scheduler.init_noise_sigma  # fmt: skip
+    t0 = time.perf_counter()  # x: (B, c, F, h, w); text: (2B, L, D), the B negatives first
+    every = max(1, len(scheduler.timesteps) // 10)  # ~10 progress lines a batch
     # one autocast context around the whole loop: autocast keeps its bf16 copies of the
     # weights until the context exits (cached_casts: the fused feed-forward's, which it casts
-    # itself), so they are cast once per video, not once per step (the scheduler's
+    # itself), so they are cast once per batch, not once per step (the scheduler's
     # elementwise update stays in fp32: autocast casts matmuls and convs only)
     with autocast(device, cfg.train.precision), cached_casts():
         for i, t in enumerate(scheduler.timesteps, 1):
-            pred = unet(torch.cat([x, x]), t, text).float()  # (2, c, F, h, w)
+            pred = unet(torch.cat([x, x]), t, text).float()  # (2B, c, F, h, w)
             uncond, cond = pred.chunk(2)
             guided = uncond + guidance * (cond - uncond)
             x = scheduler.step(guided, t, x).prev_sample  # DDIM eq. 12, eta = 0
             if i % every == 0 or i == len(scheduler.timesteps):
                 log.info("denoising step %d/%d, %.1f s", i, len(scheduler.timesteps),
                          time.perf_counter() - t0)  # fmt: skip
-    video = vae.decode(x)  # (1, 3, F, H, W) in [-1, 1]
-    video = ((video[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return video.permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
+    video = vae.decode(x)  # (B, 3, F, H, W) in [-1, 1]
+    video = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return list(video.permute(0, 2, 3, 4, 1).cpu().numpy())  # B x (F, H, W, 3)
 
 
 def _part(path: Path) -> Path:
@@ -151,9 +177,30 @@ def output_path(out: str | Path) -> Path:
     return path
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """``--prompts``: one prompt a line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--prompts {path}: cannot read it: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts {path}: no prompt in it (one a line)")
+    return prompts
+
+
+def output_dir(out: str | Path) -> Path:
+    """``--out`` with ``--prompts``: a folder (made if need be) that is writable."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file: with --prompts give a folder")
+    output_path(path / "00000.mp4")
+    return path
+
+
 def main(
     ckpt: str,
-    prompt: str,
+    prompt: str | None,
     out: str,
     frames: int | None = None,
     steps: int | None = None,
@@ -161,24 +208,43 @@ def main(
     seed: int = 0,
     device: str | None = None,
     negative_prompt: str | None = None,
+    prompts_file: str | None = None,
+    batch_size: int = 4,
 ) -> int:
+    """One prompt -> the mp4 ``out``; or ``prompts_file`` (one prompt a line) -> ``out`` a
+    folder of ``{i:05d}.mp4`` + ``{i:05d}.txt`` (the prompt), prompt i with seed ``seed + i``
+    (as the training previews), ``batch_size`` prompts denoised together; videos already
+    there are kept, so a rerun after a crash finishes the rest."""
     dev = sampling_device(device)  # both checked before minutes of loading and denoising
-    out = output_path(out)
+    if prompts_file is not None:
+        prompts = read_prompts(prompts_file)
+        folder = output_dir(out)
+    else:
+        out = output_path(out)
     cfg, unet, text_encoder, vae = load_for_sampling(ckpt, dev)
     sc = cfg.sample
-    video = generate(
-        cfg,
-        unet,
-        text_encoder,
-        vae,
-        prompt,
+    kw = dict(
         frames=frames or sc.frames or cfg.data.frames,
         steps=steps or sc.steps,
         guidance=sc.guidance if guidance is None else guidance,
-        seed=seed,
         device=dev,
         negative_prompt=sc.negative_prompt if negative_prompt is None else negative_prompt,
     )
-    write_mp4(video, out, sc.fps or cfg.data.fps or 8.0)
+    fps = sc.fps or cfg.data.fps or 8.0
+    if prompts_file is not None:
+        todo = [i for i in range(len(prompts)) if not (folder / f"{i:05d}.mp4").exists()]
+        log.info("%d prompt(s), %d to sample into %s, %d at a time", len(prompts), len(todo),
+                 folder, batch_size)  # fmt: skip
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            videos = generate_batch(cfg, unet, text_encoder, vae, [prompts[i] for i in batch],
+                                    [seed + i for i in batch], **kw)  # fmt: skip
+            for i, video in zip(batch, videos, strict=True):
+                (folder / f"{i:05d}.txt").write_text(prompts[i] + "\n", encoding="utf-8")
+                write_mp4(video, folder / f"{i:05d}.mp4", fps)
+            log.info("sampled %d/%d", start + len(batch), len(todo))
+        return 0
+    video = generate(cfg, unet, text_encoder, vae, prompt, seed=seed, **kw)
+    write_mp4(video, out, fps)
     log.info("wrote %s: %d frames of %dx%d", out, *video.shape[:3])
     return 0
