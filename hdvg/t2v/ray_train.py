@@ -25,14 +25,20 @@ deadline), the trainer checkpoints after the step in progress and trains on
 (:func:`preemption_notice`), so the restart loses at most that step's work, not everything
 since the last ``train.ckpt_every``. A failure a restart would only repeat (a bad config or
 shards, a diverged run) is recorded in ``RUN_DIR/ray/abort.json``: restarted workers return
-at once and the launch ends with that reason, as a single-process run would.
+at once and the launch ends with that reason, as a single-process run would. SIGTERM to
+the driver stops the workers after their step in progress with a checkpoint, exit 143
+(:class:`DriverStop`), as it stops a torchrun rank.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +91,69 @@ def _reason(error: BaseException) -> str:
     return str(NoClipsError(str(error))) if isinstance(error, NoClipsError) else str(error)
 
 
+# the driver's SIGTERM handler creates it; each rank looks for it at most once a second and
+# the ranks agree (their all-reduced vote) to stop after one same step, with a checkpoint
+STOP_FILE = "ray/stop"
+
+
+def stop_request(run_dir: Path, every_s: float = 1.0) -> Callable[[], bool]:
+    """For :class:`hdvg.t2v.train.Preemption`: whether the driver asked the run to stop (a
+    stat of RUN_DIR/ray/stop on the shared filesystem, at most once every `every_s`)."""
+    path, last = run_dir / STOP_FILE, [-math.inf]
+
+    def asked() -> bool:
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return False
+        last[0] = now
+        return path.exists()
+
+    return asked
+
+
+class DriverStop:
+    """SIGTERM to the driver (a scheduler, `ray job stop`, `kill`): the workers stop after
+    their step in progress with a checkpoint, as a SIGTERM to a torchrun rank does, and the
+    launch ends with exit 143; a second SIGTERM ends the driver at once. Ray delivers SIGINT
+    to a worker as a task cancellation, so Ctrl-C keeps its default (the workers end with no
+    checkpoint beyond the last one). Only in the main thread, where signals can be caught."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STOP_FILE
+        self.asked = False
+        self._old: Any = None
+
+    def __enter__(self) -> DriverStop:
+        self.path.unlink(missing_ok=True)  # an earlier launch's
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked:  # again: now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.asked = True
+        log.warning("SIGTERM: the workers stop after their step in progress, with a checkpoint "
+                    "(a second SIGTERM ends the driver at once)")  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: one DDP rank of :func:`hdvg.t2v.train.main`. Always with
     `resume`: a restarted worker group goes on from RUN_DIR/last.ckpt (the launch checked
     that a run without --resume starts in a run dir without one)."""
     import torch
 
-    from hdvg.t2v.train import main
+    from hdvg.t2v.train import Preemption, main
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if torch.cuda.is_available():  # the GPU Ray Train assigned to this worker
@@ -105,7 +167,8 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = from_dict(T2VConfig, config["cfg"])
     try:
         rc = main(cfg, config["shards"], config["output"], config["steps"], resume=True,
-                  preemption_notice=preemption_notice)  # fmt: skip
+                  preemption_notice=preemption_notice,
+                  stop_request=stop_request(Path(config["output"])))  # fmt: skip
     except Exception as e:
         kind = _final_kind(e)
         if kind is not None:
@@ -114,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
             tmp.write_text(json.dumps({"kind": kind, "message": _reason(e)}))
             os.replace(tmp, abort)
         raise
-    if rc != 0:
+    if rc not in (0, Preemption.EXIT_CODE):  # 143: stopped as the driver asked, checkpointed
         raise RuntimeError(f"training exited with status {rc}")
 
 
@@ -195,7 +258,8 @@ def launch(
     abort = run_dir / ABORT_FILE
     abort.unlink(missing_ok=True)  # a rerun after the cause was mended
     try:
-        trainer.fit()
+        with DriverStop(run_dir) as stop:
+            trainer.fit()
     except TrainingFailedError as e:
         bad = _recorded_failure(abort) or _known_failure(e)
         if bad is not None:  # as in a single-process run: one line, exit 2 (1: diverged)
@@ -205,6 +269,11 @@ def launch(
     bad = _recorded_failure(abort)  # the restarted workers returned at once
     if bad is not None:
         raise bad
+    if stop.asked:
+        from hdvg.t2v.train import Preemption
+
+        log.warning("stopped by SIGTERM; %s: --resume goes on from there", run_dir / "last.ckpt")
+        return Preemption.EXIT_CODE
     return 0
 
 

@@ -315,16 +315,28 @@ class Preemption:
     worker's node will be taken away (Ray Train's node-preemption notice,
     :func:`hdvg.t2v.ray_train.preemption_notice`). The run then checkpoints once, after the
     step in progress, and trains on: the launcher restarts it from that checkpoint when the
-    node is gone."""
+    node is gone. `stop`, when given, is polled once per step too: True asks what SIGTERM asks
+    (the Ray launcher's driver got the signal, :func:`hdvg.t2v.ray_train.stop_request`)."""
 
     EXIT_CODE = 128 + signal.SIGTERM  # 143, as a process ended by SIGTERM reports
 
-    def __init__(self, notice: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, notice: Callable[[], Any] | None = None, stop: Callable[[], bool] | None = None
+    ) -> None:
         self.requested = False
         self._old: Any = None
         self.installed = False
         self._notice = notice
         self.noticed = False
+        self._stop = stop
+
+    def vote(self) -> int:
+        """This process's wish after this step: 2 checkpoint and stop, 1 checkpoint (a
+        preemption notice), 0 go on."""
+        if not self.requested and self._stop is not None and self._stop():
+            log.warning("stop asked by the launcher: stopping after this step, with a checkpoint")
+            self.requested = True
+        return 2 if self.requested else int(self.notice_given())
 
     def notice_given(self) -> bool:
         """Whether a preemption notice has come (polled; logged once)."""
@@ -501,10 +513,14 @@ def main(
     steps: int | None = None,
     resume: bool = False,
     preemption_notice: Callable[[], Any] | None = None,
+    stop_request: Callable[[], bool] | None = None,
 ) -> int:
-    """Train; 0 when done, `Preemption.EXIT_CODE` when stopped by SIGTERM (checkpointed).
-    `preemption_notice`: see :class:`Preemption`."""
-    with Preemption(preemption_notice) as preempt, contextlib.ExitStack() as cleanup:
+    """Train; 0 when done, `Preemption.EXIT_CODE` when stopped by SIGTERM or `stop_request`
+    (checkpointed). `preemption_notice`, `stop_request`: see :class:`Preemption`."""
+    with (
+        Preemption(preemption_notice, stop_request) as preempt,
+        contextlib.ExitStack() as cleanup,
+    ):
         return _train(cfg, shards, output, steps, resume, preempt, cleanup)
 
 
@@ -749,7 +765,7 @@ def _train(
         # SIGTERM (vote 2: checkpoint and stop) and a node-preemption notice (vote 1: checkpoint
         # once and train on): every rank acts after the same step -- the ranks' votes are
         # all-reduced (max) one step before they are read, as the metrics rows are
-        want = 2 if preempt.requested else int(preempt.notice_given())
+        want = preempt.vote()
         if world > 1:
             vote = int(stop_votes) if stop_votes is not None else 0
             if want > voted:

@@ -8,9 +8,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -172,8 +174,6 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(four_shards, tmp_pat
     """SIGTERM to rank 1 alone: both ranks stop after one same step (their flags are
     all-reduced), rank 0 saves that step's checkpoint with both ranks' states, and each rank
     exits 143."""
-    import signal
-
     import psutil
 
     run = tmp_path / "run"
@@ -294,6 +294,39 @@ def test_ray_train_rides_out_a_node_preemption(four_shards, tmp_path):
     b = load_checkpoint(ref / "last.ckpt")
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_ray_driver_checkpoints_and_stops(four_shards, tmp_path):
+    """`hdvg train --ray-workers 2` on a local Ray, SIGTERM to the driver alone (as `ray job
+    stop` or a scheduler sends it): both workers stop after one same step with a checkpoint
+    of it holding both ranks' states, and the launch exits 143."""
+    config = tiny_yaml(tmp_path, ckpt_every=1000)  # the only checkpoint: the stop's
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "hdvg", "train", str(config), "--shards", str(four_shards),
+           "--output", str(run), "--steps", "1000", "--ray-workers", "2",
+           "--ray-cpus-per-worker", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "metrics.jsonl").exists() or len(rows(run)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-4000:]
+    assert "SIGTERM: the workers stop after their step in progress" in err
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err).group(1))
+    assert os.readlink(run / "last.ckpt") == f"checkpoints/step-{stopped:08d}.ckpt"
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["step"] == stopped < 1000 and len(ckpt["data"]) == len(ckpt["rng"]) == 2
+    assert max(rows(run)) == stopped
 
 
 def test_ray_flags_parse():
