@@ -16,6 +16,8 @@ def _train(args: argparse.Namespace) -> int:
     from hdvg.t2v.train import main
 
     cfg = load_config(args.config)
+    if args.val_shards:
+        cfg.data.val_shards = args.val_shards[0] if len(args.val_shards) == 1 else args.val_shards
     shards = args.shards[0] if len(args.shards) == 1 else args.shards
     if args.ray_address or args.ray_workers:
         from hdvg.t2v.ray_train import launch
@@ -81,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="curate OUT dir, shards dir, brace pattern, glob, or several; local or fsspec URL",
     )
     p.add_argument("--output", required=True, help="run dir (checkpoints, metrics, config)")
+    p.add_argument(
+        "--val-shards", nargs="+", default=None,
+        help="held-out shards (as --shards) for train.val_every's val_loss (default: data.val_shards)",
+    )  # fmt: skip
     p.add_argument(
         "--steps", type=positive_int, default=None, help="total steps (default: train.steps)"
     )

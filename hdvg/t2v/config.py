@@ -118,6 +118,8 @@ class DataConfig:
     # http(s) shards: a server silent this long (connecting, or between reads) fails the read
     # (tried again, then the shard counts as broken) instead of stalling a loader worker
     read_timeout_s: float = 60.0
+    # held-out shards for train.val_every (a spec like --shards); the CLI's --val-shards sets it
+    val_shards: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.stride is None):
@@ -157,9 +159,14 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     ckpt_every: int = 1000
-    # every this many steps rank 0 samples `sample.prompts` with the EMA weights into
-    # RUN/samples/step-NNNNNNNN/{i}.mp4 (+ {i}.txt, the prompt); 0: never
+    # every this many steps the ranks sample `sample.prompts` (prompt i on rank i % ranks) with
+    # the EMA weights into RUN/samples/step-NNNNNNNN/{i}.mp4 (+ {i}.txt, the prompt); 0: never
     sample_every: int = 0
+    # every this many steps, the loss on `val_batches` batches of data.val_shards (the same
+    # clips, noise and timesteps each time, so only the weights change it): metrics.jsonl's
+    # `val_loss`; 0: never
+    val_every: int = 0
+    val_batches: int = 4
     keep_checkpoints: int = 3
     # true / "full": torch.compile the whole U-Net; "regional": each block apart (identical
     # blocks share code: 33 graphs for the base U-Net, compiled in half the whole one's time
@@ -200,6 +207,8 @@ class TrainConfig:
             raise ConfigError("train.grad_accum_steps must be at least 1")
         if self.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be at least 1")
+        if self.val_every < 0 or self.val_batches < 1:
+            raise ConfigError("train.val_every must be >= 0 and train.val_batches >= 1")
         if self.kernels not in ("aten", "triton"):
             raise ConfigError("train.kernels must be aten or triton")
         from hdvg.t2v.layers import attention_backends_error

@@ -281,8 +281,11 @@ class NoClipsError(ValueError):
 class ShardClips(IterableDataset):
     """Endless, shuffled, resumable stream of ``{"video", "caption", "key", "worker", "cursor"}``."""
 
-    def __init__(self, spec: str | list[str], cfg: DataConfig, seed: int = 0):
+    def __init__(self, spec: str | list[str], cfg: DataConfig, seed: int = 0, split: bool = True):
+        """`split`: each rank (and loader worker) reads its own share of the shards; False:
+        every reader reads them all (a validation set, the same on every rank)."""
         super().__init__()
+        self.split = split
         self.urls = expand_shards(spec, cfg.read_timeout_s)
         self.cfg = cfg
         self.seed = seed
@@ -330,7 +333,7 @@ class ShardClips(IterableDataset):
             yield None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size = world()
+        rank, world_size = world() if self.split else (0, 1)
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         # the DataLoader asks its workers in turn, starting from worker 0: after `batches`

@@ -206,12 +206,18 @@ def launch(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from hdvg.t2v.data import expand_shards
-    from hdvg.t2v.train import check_fresh_run
+    from hdvg.t2v.train import check_fresh_run, check_validation
 
     specs = [shards] if isinstance(shards, str) else list(shards)
     specs = [_absolute(s) for s in specs]
     # a wrong spec fails here, in one line, not in every worker
     expand_shards(specs, cfg.data.read_timeout_s)
+    check_validation(cfg)
+    if cfg.data.val_shards:
+        val = cfg.data.val_shards
+        val = [_absolute(v) for v in ([val] if isinstance(val, str) else val)]
+        expand_shards(val, cfg.data.read_timeout_s)
+        cfg.data.val_shards = val[0] if len(val) == 1 else val
     run_dir = Path(output).absolute()
     check_fresh_run(run_dir, resume)  # the workers always resume (restarts go on from there)
     if max_failures < -1:

@@ -39,7 +39,14 @@ import torch.nn.functional as F
 import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, TrainConfig, UNetConfig, from_dict
-from hdvg.t2v.data import ShardClips, StreamState, make_loader, stop_workers, to_model_range
+from hdvg.t2v.data import (
+    ShardClips,
+    StreamState,
+    collate_clips,
+    make_loader,
+    stop_workers,
+    to_model_range,
+)
 from hdvg.t2v.layers import compile_norms, use_attention_backends, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
 from hdvg.t2v.unet import SwapUNet, compile_regions
@@ -303,6 +310,92 @@ def clip_and_step(
     return grad_norm, nonfinite
 
 
+def diffuse(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy latents at timesteps `t` (q(x_t | x_0), DDPM eq. 4) and the U-Net's regression
+    target: the noise (epsilon) or v = sqrt(a) noise - sqrt(1 - a) x_0."""
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    if prediction_type == "epsilon":
+        return noisy, noise
+    return noisy, a.sqrt() * noise - (1 - a).sqrt() * latents
+
+
+@torch.no_grad()
+def validation_set(
+    cfg: T2VConfig,
+    text_encoder,
+    vae: VideoVAE,
+    alphas: torch.Tensor,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """`train.val_every`'s held-out batches, this rank's share (batch j on rank j % world): the
+    first `train.val_batches` batches of data.val_shards, read whole by every rank (at most one
+    pass; not split, not shuffled across ranks) and encoded once -- VAE mean latents (or the
+    stored ones), caption embeddings -- with noise and timesteps drawn from the seed of their
+    batch, so two validations differ only by the weights. [((noisy, t, text), target)]."""
+    tc, data = cfg.train, cfg.data
+    want = tc.val_batches * data.batch_size
+    items, seen = [], set()
+    for item in ShardClips(data.val_shards, data, seed=tc.seed, split=False):
+        if item["key"] in seen or len(items) == want:  # a whole pass, or enough
+            break
+        seen.add(item["key"])
+        items.append(item)
+    batches = []
+    for j in range(rank, math.ceil(len(items) / data.batch_size), world):
+        batch = collate_clips(items[j * data.batch_size : (j + 1) * data.batch_size])
+        parts = []
+        if "latents" in batch:
+            parts.append(batch["latents"].to(device).float())
+        if "video" in batch:
+            video = to_model_range(batch["video"].to(device))
+            with autocast(device, tc.precision):
+                parts.append(vae.encode(video, sample=False))
+        latents = torch.cat(parts)  # (B, c, F, h, w)
+        with autocast(device, tc.precision):
+            text = encode_prompts(text_encoder, batch["caption"], device).float()
+        gen = torch.Generator().manual_seed(tc.seed * 1000 + j)  # the CPU's: any device alike
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, tc.num_train_timesteps, (len(latents),), generator=gen).to(device)
+        noisy, target = diffuse(latents, noise, t, alphas, tc.prediction_type)
+        batches.append(((noisy, t, text), target))
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: torch.nn.Module,
+    batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
+    precision: str,
+    device: torch.device,
+    world: int = 1,
+) -> torch.Tensor:
+    """The mean loss of the U-Net over every rank's validation batches (a device tensor: no
+    wait here), eager and in eval mode."""
+    total = torch.zeros(2, device=device)  # summed per-clip losses, clips
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"), autocast(device, precision):
+            for inputs, target in batches:
+                pred = unet(*inputs).float()
+                per_clip = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+                total += torch.stack([per_clip.sum(), per_clip.new_tensor(len(per_clip))])
+    finally:
+        unet.train(was_training)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
 class Preemption:
     """SIGTERM -- a scheduler's notice (SLURM, Kubernetes, a spot instance) -- asks the run to
     stop after the step in progress, with a checkpoint; `--resume` goes on from it. Repeats
@@ -496,8 +589,9 @@ def progress_line(row: dict[str, Any], total_steps: int) -> str:
     mem = f"  {row['gpu_mem_gib']:.1f} GiB" if "gpu_mem_gib" in row else ""
     run = row.get("nonfinite_run", 0)
     skipped = f"  non-finite gradients: last {run} steps skipped" if run else ""
+    val = f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""
     return (
-        f"step {row['step']}/{total_steps}  loss {row['loss']:.4f}  {row['it_s']:.2f} it/s  "
+        f"step {row['step']}/{total_steps}  loss {row['loss']:.4f}{val}  {row['it_s']:.2f} it/s  "
         f"{row['samples_s']:.1f} samples/s  data wait {row['data_wait_s']:.2f} s{mem}  "
         f"eta {left / 60:.1f} min{skipped}"
     )
@@ -522,6 +616,13 @@ def main(
         contextlib.ExitStack() as cleanup,
     ):
         return _train(cfg, shards, output, steps, resume, preempt, cleanup)
+
+
+def check_validation(cfg: T2VConfig) -> None:
+    if cfg.train.val_every and not cfg.data.val_shards:
+        raise ConfigError(
+            "train.val_every needs held-out shards: --val-shards SPEC (or data.val_shards)"
+        )
 
 
 def check_fresh_run(run_dir: Path, resume: bool) -> None:
@@ -599,6 +700,12 @@ def _train(
     alphas = scheduler.alphas_cumprod.to(device)
 
     dataset = ShardClips(shards, cfg.data, seed=tc.seed)
+    val_set = []  # this rank's held-out batches, encoded once
+    if tc.val_every:
+        check_validation(cfg)
+        val_set = validation_set(cfg, text_encoder, vae, alphas, device, rank, world)
+        log.info("validation every %d steps on %d batch(es) of %s", tc.val_every,
+                 len(val_set), cfg.data.val_shards)  # fmt: skip
     stream = StreamState(cfg.data)
     step = 0
     # steps skipped for non-finite gradients: in all (kept in checkpoints), and in a row now;
@@ -681,6 +788,8 @@ def _train(
         if world > 1:
             keys = [None] * world
             torch.distributed.all_gather_object(keys, row["keys"])
+        if "val_loss" in row:
+            row["val_loss"] = float(row["val_loss"])
         row |= {"loss": float(row["loss"]), "grad_norm": float(row["grad_norm"]), "keys": keys,
                 "nonfinite_steps": int(row["nonfinite_steps"]),
                 "nonfinite_run": int(row["nonfinite_run"])}  # fmt: skip
@@ -725,11 +834,8 @@ def _train(
         text = torch.where(drop.view(b, 1, 1), empty_text, text)  # (B, L, D)
         noise = torch.randn(latents.shape, generator=gen, device=device)
         t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
-        a = alphas[t].view(b, 1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
-        if tc.prediction_type == "epsilon":
-            return (noisy, t, text), noise
-        return (noisy, t, text), a.sqrt() * noise - (1 - a).sqrt() * latents
+        noisy, target = diffuse(latents, noise, t, alphas, tc.prediction_type)
+        return (noisy, t, text), target
 
     k = tc.grad_accum_steps
     stopping, stop_votes, stop_flag = False, None, torch.zeros((), device=device)
@@ -781,7 +887,8 @@ def _train(
         if just_in_time and is_main:
             log.warning("checkpoint after step %d for the preemption notice", step)
         checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping or just_in_time
-        if step % tc.log_every == 0 or step == total_steps:
+        val_now = bool(tc.val_every) and step % tc.val_every == 0
+        if step % tc.log_every == 0 or step == total_steps or val_now:
             now = time.perf_counter()
             dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
             t_last = now
@@ -807,6 +914,8 @@ def _train(
             }
             if device.type == "cuda":
                 row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if val_now:  # queued like the step: read with the row
+                row["val_loss"] = validation_loss(unet, val_set, tc.precision, device, world)
             if checkpoint:  # a checkpoint's metrics.jsonl holds its own step
                 write_row(row)
             else:

@@ -64,6 +64,7 @@ def torchrun(config: Path, shards: Path, run: Path, steps: int, resume: bool = F
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "hdvg.t2v.cli", "train", str(config), "--shards", str(shards)]
     cmd += ["--output", str(run), "--steps", str(steps)] + (["--resume"] if resume else [])
+    cmd += ["--val-shards", str(shards)]  # used where the config asks for train.val_every
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-8000:]
     return r.stderr
@@ -72,7 +73,8 @@ def torchrun(config: Path, shards: Path, run: Path, steps: int, resume: bool = F
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     previews = {"prompts": PROMPTS, "steps": 2, "frames": 2}
-    return tiny_yaml(tmp_path_factory.mktemp("cfg"), previews, ckpt_every=2, sample_every=2)
+    return tiny_yaml(tmp_path_factory.mktemp("cfg"), previews, ckpt_every=2, sample_every=2,
+                     val_every=2, val_batches=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,18 @@ def check_two_rank_run(run: Path, shards: Path) -> dict[int, dict]:
     assert os.readlink(run / "last.ckpt") == "checkpoints/step-00000004.ckpt"
     ckpt = load_checkpoint(run / "last.ckpt")
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    # validation at steps 2 and 4 (each rank one of the 2 held-out batches, all-reduced): the
+    # loss of step 4's weights on those 4 clips, as one process computes it from the checkpoint
+    assert [s for s in sorted(got) if "val_loss" in got[s]] == [2, 4]
+    import hdvg.t2v.train as train
+    from hdvg.t2v.sample import load_for_sampling
+
+    c, unet, text_encoder, vae = load_for_sampling(run / "last.ckpt", torch.device("cpu"), False)
+    alphas = train.noise_scheduler(c).alphas_cumprod
+    batches = train.validation_set(c, text_encoder, vae, alphas, torch.device("cpu"))
+    assert len(batches) == 2
+    val = float(train.validation_loss(unet, batches, c.train.precision, torch.device("cpu")))
+    assert val == pytest.approx(got[4]["val_loss"], rel=1e-5)
     assert [sorted(d["cursors"]) for d in ckpt["data"]] == [[0], [1]]  # worker 0 of rank 0, 1
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["ckpt_every"] == 2
     return got
@@ -212,19 +226,25 @@ def test_ray_train_runs_the_same_loop(
     from hdvg.t2v.cli import main as cli
 
     run = tmp_path / "ray_run"
-    argv = ["train", str(config), "--shards", str(four_shards), "--output", str(run)]
+    argv = ["train", str(config), "--shards", str(four_shards), "--output", str(run),
+            "--val-shards", str(four_shards)]  # fmt: skip
     # mistakes fail on the driver, in one line, before any worker starts
     assert cli(argv + ["--ray-workers", "2", "--ray-gpus-per-worker", "1"]) == 2
     assert "has no GPUs" in capsys.readouterr().err
     bad = ["train", str(config), "--shards", str(tmp_path / "none"), "--output", str(run)]
     assert cli(bad + ["--ray-workers", "2"]) == 2
     assert "no shards at" in capsys.readouterr().err and not run.exists()
+    bad = ["train", str(config), "--shards", str(four_shards), "--output", str(run)]
+    assert cli(bad + ["--ray-workers", "2"]) == 2  # train.val_every without held-out shards
+    assert "train.val_every needs held-out shards" in capsys.readouterr().err
+    assert not run.exists()
 
     assert cli(argv + ["--steps", "4", "--ray-workers", "2", "--ray-cpus-per-worker", "1"]) == 0
     got = check_two_rank_run(run, four_shards)
     want = rows(torchrun_run[0])
     for s in (1, 2, 3, 4):
         assert (got[s]["loss"], got[s]["keys"]) == (want[s]["loss"], want[s]["keys"]), s
+        assert got[s].get("val_loss") == want[s].get("val_loss"), s
     a = load_checkpoint(run / "last.ckpt")["model"]
     b = load_checkpoint(torchrun_run[0] / "last.ckpt")["model"]
     assert all(torch.equal(v, b[k]) for k, v in a.items())
@@ -237,7 +257,8 @@ def test_ray_train_runs_the_same_loop(
 
     capsys.readouterr()
     nothing = bad_shards(tmp_path / "bad")
-    argv = ["train", str(config), "--shards", str(nothing), "--output", str(tmp_path / "r2")]
+    argv = ["train", str(config), "--shards", str(nothing), "--output", str(tmp_path / "r2"),
+            "--val-shards", str(four_shards)]  # fmt: skip
     one = ["--ray-workers", "1", "--ray-cpus-per-worker", "1", "--ray-max-failures", "-1"]
     assert cli(argv + ["--steps", "1"] + one) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -117,6 +117,42 @@ def test_a_restart_before_the_first_checkpoint_starts_over_cleanly(shard_root, t
     assert losses(early) == losses(full)
 
 
+def test_validation_loss_is_the_loss_on_fixed_held_out_clips(shard_root, two_clips, tmp_path):
+    """train.val_every with held-out shards: metrics.jsonl's val_loss at steps 2 and 4 is the
+    loss of that step's weights on the held-out clips with their fixed noise and timesteps (as
+    recomputed from the step's checkpoint), and validating changes nothing in the training."""
+    import hdvg.t2v.train as train
+    from hdvg.t2v.sample import load_for_sampling
+
+    def cfg(val_every: int) -> T2VConfig:
+        c = micro_cfg(steps=4, ckpt_every=2, val_every=val_every, val_batches=3)
+        c.data.num_workers = 0
+        c.data.val_shards = str(two_clips)
+        return c
+
+    run, plain = tmp_path / "val", tmp_path / "plain"
+    assert main(cfg(2), str(shard_root), run) == 0
+    assert main(cfg(0), str(shard_root), plain) == 0
+    assert losses(run) == losses(plain)
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert [s for s in rows if "val_loss" in rows[s]] == [2, 4]
+    assert rows[2]["val_loss"] != rows[4]["val_loss"]
+    for step in (2, 4):
+        ckpt = run / "checkpoints" / f"step-{step:08d}.ckpt"
+        c, unet, text_encoder, vae = load_for_sampling(ckpt, torch.device("cpu"), use_ema=False)
+        assert c.data.val_shards == str(two_clips)  # recorded in the resolved config
+        alphas = train.noise_scheduler(c).alphas_cumprod
+        batches = train.validation_set(c, text_encoder, vae, alphas, torch.device("cpu"))
+        assert len(batches) == 1 and len(batches[0][1]) == 2  # one pass: the 2 held-out clips
+        got = train.validation_loss(unet, batches, c.train.precision, torch.device("cpu"))
+        assert float(got) == pytest.approx(rows[step]["val_loss"], rel=1e-5), step
+
+    c = cfg(2)
+    c.data.val_shards = None
+    with pytest.raises(ConfigError, match="train.val_every needs held-out shards"):
+        main(c, str(shard_root), tmp_path / "none")
+
+
 def test_a_step_with_non_finite_gradients_updates_nothing(shard_root, tmp_path, monkeypatch):
     """Step 2's text embeddings turn NaN (as a bf16 overflow would make them): its gradients
     are NaN, the fused AdamW skips it on the device (weights and optimizer state as after step
