@@ -658,6 +658,10 @@ def _train(
             raise ConfigError(f"--output {output} is a file, not a run dir") from None
         except OSError as e:
             raise ConfigError(f"--output {output}: cannot make the run dir: {e.strerror}") from None
+        # a checkpoint a killed run was writing (as large as a whole one): never complete
+        for stale in (run_dir / "checkpoints").glob("step-*.tmp"):
+            log.info("removing %s, a checkpoint cut short", stale)
+            stale.unlink(missing_ok=True)
 
     # seeds: everything stochastic in the loop draws from `gen` or the (saved) global RNGs
     random.seed(tc.seed + rank)

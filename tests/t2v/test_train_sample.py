@@ -76,11 +76,15 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
         main(cfg(), str(shard_root), cut)
     assert (cut / "metrics.jsonl").read_text() == before
     assert os.readlink(cut / "last.ckpt") == "checkpoints/step-00000002.ckpt"
-    # the "killed" run had logged step 3 and half of step 4's row: both are dropped on resume
+    # the "killed" run had logged step 3 and half of step 4's row: both are dropped on resume;
+    # so is the checkpoint it was writing
+    half = cut / "checkpoints" / "step-00000004.tmp"
+    half.write_bytes(b"\0" * 4096)
     with open(cut / "metrics.jsonl", "a") as f:
         f.write(before.splitlines(keepends=True)[-1].replace('"step": 2', '"step": 3'))
         f.write('{"step": 4, "lo')
     assert main(cfg(), str(shard_root), cut, resume=True) == 0
+    assert not half.exists()
     assert [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()] == [
         1, 2, 3, 4
     ]  # fmt: skip
