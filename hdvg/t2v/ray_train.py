@@ -47,9 +47,16 @@ from hdvg.t2v.config import ConfigError, T2VConfig, from_dict
 log = logging.getLogger("hdvg.t2v.ray_train")
 
 
-def _absolute(spec: str) -> str:
-    """Workers may start in another directory: make local paths absolute (URLs unchanged)."""
-    return spec if "://" in spec else os.path.abspath(spec)
+def _worker_spec(spec: str | list[str], timeout_s: float) -> str | list[str]:
+    """A shards spec for the workers, checked here (a wrong one fails in one line, not in
+    every worker): its local paths made absolute, since workers may start in another
+    directory (URLs unchanged)."""
+    from hdvg.t2v.data import expand_shards
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    specs = [s if "://" in s else os.path.abspath(s) for s in specs]
+    expand_shards(specs, timeout_s)
+    return specs[0] if len(specs) == 1 else specs
 
 
 def preemption_notice() -> Any:
@@ -205,19 +212,12 @@ def launch(
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hdvg.t2v.data import expand_shards
     from hdvg.t2v.train import check_fresh_run, check_validation
 
-    specs = [shards] if isinstance(shards, str) else list(shards)
-    specs = [_absolute(s) for s in specs]
-    # a wrong spec fails here, in one line, not in every worker
-    expand_shards(specs, cfg.data.read_timeout_s)
+    shards = _worker_spec(shards, cfg.data.read_timeout_s)
     check_validation(cfg)
     if cfg.data.val_shards:
-        val = cfg.data.val_shards
-        val = [_absolute(v) for v in ([val] if isinstance(val, str) else val)]
-        expand_shards(val, cfg.data.read_timeout_s)
-        cfg.data.val_shards = val[0] if len(val) == 1 else val
+        cfg.data.val_shards = _worker_spec(cfg.data.val_shards, cfg.data.read_timeout_s)
     run_dir = Path(output).absolute()
     check_fresh_run(run_dir, resume)  # the workers always resume (restarts go on from there)
     if max_failures < -1:
@@ -246,7 +246,7 @@ def launch(
         train_loop,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "shards": specs[0] if len(specs) == 1 else specs,
+            "shards": shards,
             "output": str(run_dir),
             "steps": steps,
         },

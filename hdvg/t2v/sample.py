@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,6 +178,30 @@ def output_path(out: str | Path) -> Path:
     return path
 
 
+def sampling_options(
+    cfg: T2VConfig,
+    frames: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+) -> dict[str, Any]:
+    """`generate`'s frames, steps, guidance and negative prompt: those given, else the
+    config's `sample` section (frames: else data.frames). The training previews use the same,
+    so they are the videos `hdvg sample` makes."""
+    sc = cfg.sample
+    return {
+        "frames": frames or sc.frames or cfg.data.frames,
+        "steps": steps or sc.steps,
+        "guidance": sc.guidance if guidance is None else guidance,
+        "negative_prompt": sc.negative_prompt if negative_prompt is None else negative_prompt,
+    }
+
+
+def video_fps(cfg: T2VConfig) -> float:
+    """The frame rate written into sampled mp4s: sample.fps, else data.fps, else 8."""
+    return cfg.sample.fps or cfg.data.fps or 8.0
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """``--prompts``: one prompt a line (blank lines skipped)."""
     try:
@@ -222,15 +247,8 @@ def main(
     else:
         out = output_path(out)
     cfg, unet, text_encoder, vae = load_for_sampling(ckpt, dev)
-    sc = cfg.sample
-    kw = dict(
-        frames=frames or sc.frames or cfg.data.frames,
-        steps=steps or sc.steps,
-        guidance=sc.guidance if guidance is None else guidance,
-        device=dev,
-        negative_prompt=sc.negative_prompt if negative_prompt is None else negative_prompt,
-    )
-    fps = sc.fps or cfg.data.fps or 8.0
+    kw = sampling_options(cfg, frames, steps, guidance, negative_prompt) | {"device": dev}
+    fps = video_fps(cfg)
     if prompts_file is not None:
         todo = [i for i in range(len(prompts)) if not (folder / f"{i:05d}.mp4").exists()]
         log.info("%d prompt(s), %d to sample into %s, %d at a time", len(prompts), len(todo),

@@ -99,6 +99,29 @@ def frozen_state(cfg: T2VConfig, text_encoder, vae) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def batch_latents(
+    batch: dict[str, Any],
+    cfg: T2VConfig,
+    vae: VideoVAE,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A batch's VAE latents ``(B, c, F, h, w)``: its stored ones first (checked against this
+    run's frames and size), then its clips encoded here (collate_clips' order) -- a draw from
+    the posterior with `generator` (training), the posterior's mean without (validation)."""
+    parts = []
+    if "latents" in batch:
+        # pinned by the loader: no host sync, as for the video below
+        parts.append(batch["latents"].to(device, non_blocking=True).float())  # (Bl,c,F,h,w)
+        check_latents(parts[0].shape, cfg, vae)
+    if "video" in batch:
+        video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
+        with autocast(device, cfg.train.precision):
+            parts.append(vae.encode(video, generator=generator, sample=generator is not None))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def check_latents(shape: tuple[int, ...], cfg: T2VConfig, vae: VideoVAE) -> None:
     """Stored latents (the ``latents`` curation stage) must match this run's frames and size."""
     h, w = cfg.data.size
@@ -191,7 +214,7 @@ def sample_previews(
     host) and it runs eager (a compiled U-Net would recompile for the sampler's shapes); the
     sampler's noise comes from its own seeded generator, so training goes on exactly as
     without the previews."""
-    from hdvg.t2v.sample import generate, write_mp4
+    from hdvg.t2v.sample import generate, sampling_options, video_fps, write_mp4
 
     sc = cfg.sample
     out = run_dir / "samples" / f"step-{step:08d}"
@@ -209,12 +232,9 @@ def sample_previews(
         with torch.compiler.set_stance("force_eager"):
             for i in mine:
                 prompt = sc.prompts[i]
-                video = generate(
-                    cfg, unet, text_encoder, vae, prompt,
-                    frames=sc.frames or cfg.data.frames, steps=sc.steps, guidance=sc.guidance,
-                    seed=cfg.train.seed + i, device=device, negative_prompt=sc.negative_prompt,
-                )  # fmt: skip
-                write_mp4(video, out / f"{i:02d}.mp4", sc.fps or cfg.data.fps or 8.0)
+                video = generate(cfg, unet, text_encoder, vae, prompt, seed=cfg.train.seed + i,
+                                 device=device, **sampling_options(cfg))  # fmt: skip
+                write_mp4(video, out / f"{i:02d}.mp4", video_fps(cfg))
                 (out / f"{i:02d}.txt").write_text(prompt + "\n", encoding="utf-8")
     finally:
         if own is not None:
@@ -352,14 +372,7 @@ def validation_set(
     batches = []
     for j in range(rank, math.ceil(len(items) / data.batch_size), world):
         batch = collate_clips(items[j * data.batch_size : (j + 1) * data.batch_size])
-        parts = []
-        if "latents" in batch:
-            parts.append(batch["latents"].to(device).float())
-        if "video" in batch:
-            video = to_model_range(batch["video"].to(device))
-            with autocast(device, tc.precision):
-                parts.append(vae.encode(video, sample=False))
-        latents = torch.cat(parts)  # (B, c, F, h, w)
+        latents = batch_latents(batch, cfg, vae, device)  # the posterior means: fixed
         with autocast(device, tc.precision):
             text = encode_prompts(text_encoder, batch["caption"], device).float()
         gen = torch.Generator().manual_seed(tc.seed * 1000 + j)  # the CPU's: any device alike
@@ -380,20 +393,21 @@ def validation_loss(
 ) -> torch.Tensor:
     """The mean loss of the U-Net over every rank's validation batches (a device tensor: no
     wait here), eager and in eval mode."""
-    total = torch.zeros(2, device=device)  # summed per-clip losses, clips
+    total = torch.zeros((), device=device)  # summed per-clip losses
     was_training = unet.training
     unet.eval()
     try:
         with torch.compiler.set_stance("force_eager"), autocast(device, precision):
             for inputs, target in batches:
                 pred = unet(*inputs).float()
-                per_clip = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
-                total += torch.stack([per_clip.sum(), per_clip.new_tensor(len(per_clip))])
+                total += F.mse_loss(pred, target, reduction="none").flatten(1).mean(1).sum()
     finally:
         unet.train(was_training)
+    clips = sum(len(target) for _, target in batches)
+    stats = torch.stack([total, torch.tensor(float(clips)).to(device, non_blocking=True)])
     if world > 1:
-        torch.distributed.all_reduce(total)
-    return total[0] / total[1]
+        torch.distributed.all_reduce(stats)
+    return stats[0] / stats[1]
 
 
 class Preemption:
@@ -820,16 +834,7 @@ def _train(
     def step_inputs(batch: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """A batch's U-Net inputs (noisy latents, timesteps, text) and its regression target."""
         b = len(batch["caption"])
-        parts = []  # stored latents first, then the clips encoded here (collate_clips)
-        if "latents" in batch:
-            # pinned by the loader: no host sync, as for the video below
-            parts.append(batch["latents"].to(device, non_blocking=True).float())  # (Bl,c,F,h,w)
-            check_latents(parts[0].shape, cfg, vae)
-        if "video" in batch:
-            video = to_model_range(batch["video"].to(device, non_blocking=True))  # (Bv,3,F,H,W)
-            with autocast(device, tc.precision):
-                parts.append(vae.encode(video, generator=gen))  # (Bv, c, F, h, w)
-        latents = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, c, F, h, w)
+        latents = batch_latents(batch, cfg, vae, device, generator=gen)  # (B, c, F, h, w)
         drop = torch.rand(b, generator=gen, device=device) < tc.cfg_dropout  # (B,)
         with autocast(device, tc.precision):
             text = encode_prompts(text_encoder, batch["caption"], device).float()  # (B,L,D)
@@ -843,7 +848,7 @@ def _train(
 
     k = tc.grad_accum_steps
     stopping, stop_votes, stop_flag = False, None, torch.zeros((), device=device)
-    voted, noticed = 0, False  # this rank's vote so far; a notice acted on
+    voted, notice_acted = 0, False  # this rank's vote so far; the ranks' agreed notice acted on
     while step < total_steps:
         t0 = time.perf_counter()
         data_wait, keys, loss = 0.0, [], torch.zeros((), device=device)
@@ -886,8 +891,8 @@ def _train(
         else:
             vote = want
         stopping = vote >= 2
-        just_in_time = vote == 1 and not noticed  # once per notice
-        noticed = noticed or vote >= 1
+        just_in_time = vote == 1 and not notice_acted  # once per notice
+        notice_acted = notice_acted or vote >= 1
         if just_in_time and is_main:
             log.warning("checkpoint after step %d for the preemption notice", step)
         checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping or just_in_time

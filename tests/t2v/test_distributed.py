@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -330,17 +329,9 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_stops(four_shards, tmp_path):
     cmd = [sys.executable, "-m", "hdvg", "train", str(config), "--shards", str(four_shards),
            "--output", str(run), "--steps", "1000", "--ray-workers", "2",
            "--ray-cpus-per-worker", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not (run / "metrics.jsonl").exists() or len(rows(run)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+    with training_run(cmd, env, run, rows=3) as proc:  # its group (Ray too) killed on the way out
+        proc.send_signal(signal.SIGTERM)  # the driver alone
         _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
     assert proc.returncode == 143, err[-4000:]
     assert "SIGTERM: the workers stop after their step in progress" in err
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err).group(1))
