@@ -132,7 +132,11 @@ class _Norm(torch.autograd.Function):
 
 def _dense(x: torch.Tensor, nd: torch.dtype) -> torch.Tensor:
     """``x`` in ``nd``, contiguous, as the CUDA norm kernels take it: one copy-cast, not a
-    cast that keeps a permuted layout and then a contiguous copy (none when it already is)."""
+    cast that keeps a permuted layout and then a contiguous copy (none when it already is).
+    In its own dtype ``to`` would hand back a permuted (B, H, W, F, C) view as it is (its
+    suggested layout is "contiguous"), which CUDA's group norm refuses: hence ``contiguous``."""
+    if x.dtype == nd:
+        return x.contiguous()
     return x.to(nd, memory_format=torch.contiguous_format)
 
 

@@ -351,6 +351,38 @@ def test_norm_cuda_autocast_policy_matches_plain_ops():
             assert torch.equal(a.grad, b.grad)
 
 
+def test_norms_hand_aten_contiguous_inputs_outside_autocast(monkeypatch):
+    """CUDA's group norm kernels refuse strided inputs ("Expected X.is_contiguous"), which the
+    CPU's accept: a whole tiny U-Net forward + backward in fp32 with no autocast (as the GPU
+    tests and ``bench_attention.py`` run it, where it failed on an H100) hands every aten norm
+    call a contiguous input and gradient -- the temporal transformers' norms get permuted views."""
+    from hdvg.t2v import layers
+
+    seen = []
+
+    class StrictAten:  # the aten ops layers calls, checked as CUDA checks them
+        def __getattr__(self, name):
+            op = getattr(torch.ops.aten, name)
+            if "norm" not in name:
+                return op
+
+            def checked(*args, **kwargs):
+                dense = [a.is_contiguous() for a in args[:2] if isinstance(a, torch.Tensor)]
+                seen.append((name, all(dense)))
+                return op(*args, **kwargs)
+
+            return checked
+
+    monkeypatch.setattr(layers, "aten", StrictAten())
+    model = _lively_tiny_unet()
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 32)
+    model(x, 10, text).square().mean().backward()
+    kinds = {name for name, _ in seen}
+    assert {"native_group_norm", "native_group_norm_backward"} <= kinds
+    assert {"native_layer_norm", "native_layer_norm_backward"} <= kinds
+    assert all(ok for _, ok in seen), sorted({name for name, ok in seen if not ok})
+
+
 def test_separate_qkv_weights_fuse_on_load():
     """Checkpoints with diffusers' separate to_q/to_k/to_v load into the fused projections."""
     model = SwapUNet(tiny_cfg())
