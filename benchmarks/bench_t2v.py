@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,9 +134,10 @@ def bench_model(args, results: list[dict]) -> list[dict]:
                 if compiled:  # the first step compiles: time it apart, under a guard
                     stage("compile")
                     t0 = time.perf_counter()
-                    with time_limit(args.compile_timeout):
-                        step()
-                        sync(device)
+                    with compile_cache(args.compile_cache, row), compile_progress(row, args.save):
+                        with time_limit(args.compile_timeout):
+                            step()
+                            sync(device)
                     row["compile_s"] = time.perf_counter() - t0
                     stats = torch._dynamo.utils.counters["stats"]
                     row["compiled_graphs"] = stats["unique_graphs"]  # distinct graphs, fwd+bwd each
@@ -155,7 +157,7 @@ def bench_model(args, results: list[dict]) -> list[dict]:
                 dt = (time.perf_counter() - t0) / args.steps
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
-            except Exception as e:  # inductor wraps the timeout in its own error
+            except (Exception, CompileTimeout) as e:  # inductor may wrap it in its own error
                 if "CompileTimeout" not in f"{type(e).__name__} {e}":
                     raise
                 row["error"] = f"compile did not finish in {args.compile_timeout} s"
@@ -318,24 +320,97 @@ def profile_steps(step, device: torch.device, path: str, n: int = 2) -> dict:
         return {"profile_error": f"{type(e).__name__}: {e}"[:300]}
 
 
-class CompileTimeout(Exception):
-    pass
+class CompileTimeout(BaseException):
+    """A BaseException, as KeyboardInterrupt, that no ``except Exception`` on the way stops:
+    raised as a plain Exception once, a 40-s limit let a CPU compile run past 80 s."""
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise CompileTimeout after ``seconds`` (SIGALRM: compilation is Python, so it stops)."""
+    """Raise CompileTimeout after ``seconds``, and again every 5 s until it lands (SIGALRM:
+    compilation is Python, so it stops), or at a SIGTERM (the device script's ``timeout``), so
+    that what the compile finished is still saved (``--compile-cache``) and reported."""
 
     def fire(*_):
         raise CompileTimeout
 
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old = signal.signal(signal.SIGALRM, fire), signal.signal(signal.SIGTERM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 5.0)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(signal.SIGALRM, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+@contextlib.contextmanager
+def compile_progress(row: dict, save, every: float = 20.0):
+    """Every ``every`` s, print and save how far the compile has got: dynamo graphs, inductor
+    compiles (a forward or a backward graph each; cache hits apart), AOT autograd cache hits,
+    and at the end the seconds by phase (dynamo, AOT, inductor...). A compile cut short by its
+    timeout then says where it stood, which a device slot's log did not."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    t0 = time.perf_counter()
+    done = threading.Event()
+
+    def snap() -> dict:
+        ind, aot = counters["inductor"], counters["aot_autograd"]
+        row["compile_progress"] = {
+            "s": round(time.perf_counter() - t0, 1),
+            "dynamo_graphs": counters["stats"]["unique_graphs"],
+            "inductor_compiles": ind["fxgraph_cache_miss"] + ind["fxgraph_cache_hit"],
+            "inductor_cache_hits": ind["fxgraph_cache_hit"],
+            "aot_cache_hits": aot["autograd_cache_hit"],
+        }
+        return row["compile_progress"]
+
+    def report() -> None:
+        while not done.wait(every):
+            print(f"compiling: {json.dumps(snap())}", file=sys.stderr, flush=True)
+            save()
+
+    watcher = threading.Thread(target=report, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        snap()
+        row["compile_phase_s"] = {
+            k: round(sum(v), 1) for k, v in compilation_time_metrics.items() if sum(v) >= 0.5
+        }
+
+
+@contextlib.contextmanager
+def compile_cache(directory: str | None, row: dict):
+    """``--compile-cache DIR``: load every ``*.bin.gz`` there (``torch.compiler`` cache artifacts:
+    inductor's graphs with their Triton binaries, AOT autograd's, autotuning) before compiling,
+    and write what this compile adds -- also when its timeout cuts it short -- as a new file, so
+    that a compile longer than one device call finishes over several (the directory travels
+    with the call; gpu_compile.sh). Artifacts are checked against torch, Triton and the GPU."""
+    if not directory:
+        yield
+        return
+    import gzip
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    loaded = 0
+    for f in sorted(root.glob("*.bin.gz")):
+        info = torch.compiler.load_cache_artifacts(gzip.decompress(f.read_bytes()))
+        loaded += sum(len(v) for v in getattr(info, "artifacts", {}).values())
+    row["compile_cache_loaded"] = loaded
+    try:
+        yield
+    finally:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            name = root / f"compile-{time.strftime('%Y%m%d-%H%M%S')}.bin.gz"
+            name.write_bytes(gzip.compress(saved[0], compresslevel=6))
+            row["compile_cache_saved"] = {"file": name.name, "bytes": name.stat().st_size}
 
 
 def train_step(fwd, opt, params, x, t, text, device: torch.device) -> None:
@@ -536,6 +611,10 @@ def main() -> int:
     )
     p.add_argument("--compile-timeout", type=float, default=120, help="seconds for compiling")
     p.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check")
+    p.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="load torch.compile cache artifacts from DIR first, save what the compile adds there",
+    )  # fmt: skip
     p.add_argument(
         "--compile-dynamic", action="store_true",
         help="symbolic sizes: one graph per block class instead of one per shape (fewer compiles)",
