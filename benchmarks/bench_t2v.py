@@ -269,8 +269,9 @@ def count_flops(model, cfg, frames: int, lat: int, device: torch.device, args) -
 
 KERNEL_KINDS = [  # (kind, name fragments), first match wins; cuDNN conv kernels say "gemm" too
     ("triton (fused)", ("triton",)),  # inductor names them after their ops: "..._convolution_..."
+    # before conv: cuDNN's attention kernels are named "..._sdpa_sm90_flash_fprop_..."
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "compute_dot_do_o", "dq_to")),
     ("conv", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
-    ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
     ("norm", ("norm", "welford", "moments")),
     ("layout", ("copy", "transpose", "nchwtonhwc", "nhwctonchw", "cat", "permute")),
