@@ -288,6 +288,8 @@ def main() -> int:
                          "14x1:r0 (rCORES: models.actor_cores for that pool)")  # fmt: skip
     ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                     help="caption.cache, for the direct loop and the stage alike")  # fmt: skip
+    ap.add_argument("--static-compile", choices=["cudagraphs", "inductor"], default="cudagraphs",
+                    help="caption.static_compile: what compiles the decode step (--cache static)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     ap.add_argument("--clip", default=None, help="use this mp4 instead of making one (no ffmpeg)")
     a = ap.parse_args()
@@ -299,7 +301,8 @@ def main() -> int:
         data = media.make_video(tmp / "clip.mp4", VideoSpec(w, h, 25, (2.0,))).read_bytes()
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     params = {"min_new_tokens": a.tokens, "max_new_tokens": a.tokens,
-              "decode_threads": a.decode_threads, "cache": a.cache}  # fmt: skip
+              "decode_threads": a.decode_threads, "cache": a.cache,
+              "static_compile": a.static_compile}  # fmt: skip
     device = "cpu" if a.shape == "tiny" else "cuda"
     if a.shape == "tiny":
         params["path"] = str(T.save_tiny_blip2(tmp / "blip2"))

@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
 BUDGET="${BUDGET:-190}"  # seconds for the whole script
 CACHE="${CACHE:-dynamic}"  # caption.cache: static = CUDA graphs for the decode step (compiles first)
+STATIC_COMPILE="${STATIC_COMPILE:-cudagraphs}"  # caption.static_compile, with CACHE=static
 mkdir -p "$OUT"
 JSON="$OUT/models_bench.json"
 rm -f "$JSON"
@@ -31,7 +32,7 @@ W=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))  # 14 on 16 cores
 POOL_RUNS="${POOL_RUNS:-${W}x1,${W}x1:r0}"  # WxC[:rK]: pool processes x actor calls [: actor_cores]
 timeout -k 5 $((BUDGET - SECONDS - 10)) python3 benchmarks/bench_caption.py --shape opt-2.7b \
   --clips 1536 --batch-sizes 128 --tokens 30 --size 1280x720 --pipeline pool \
-  --cache "$CACHE" --pool-runs "$POOL_RUNS" $CLIP --out "$JSON" 2>&1 >/dev/null \
+  --cache "$CACHE" --static-compile "$STATIC_COMPILE" --pool-runs "$POOL_RUNS" $CLIP --out "$JSON" 2>&1 >/dev/null \
   | grep -v -i warning | tail -25  # progress and errors; the JSON is printed below
 rc=${PIPESTATUS[0]}
 echo "bench_caption.py rc=$rc"

@@ -97,6 +97,44 @@ def test_blip2_static_kv_cache_gives_the_same_captions(tiny, clip_bytes):
         build_stage("caption", {"cache": "paged"})
 
 
+@pytest.mark.parametrize("backend", ["cudagraphs", "inductor"])
+def test_static_cache_compiles_the_decode_step(tiny, clip_bytes, monkeypatch, backend):
+    # caption.static_compile picks what compiles generate's decode step under the static
+    # cache: dynamo + CUDA graphs of the eager kernels (default, seconds to build), or
+    # transformers' inductor "reduce-overhead". transformers compiles only on CUDA; told to
+    # compile on every device, the CPU runs the same traced step (cudagraphs falls back to
+    # its eager kernels there), once per run, and the captions are the dynamic cache's
+    import torch
+    from transformers import CompileConfig
+
+    monkeypatch.setattr(CompileConfig, "_compile_all_devices", True)
+    compiles = []
+    real = torch.compile
+
+    def spy(fn, **kw):
+        compiles.append((kw["backend"], kw["mode"]))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    params = {"path": tiny["blip2"], "batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 4}
+    dyn = _stage("caption", params)
+    sta = _stage("caption", {**params, "cache": "static", "static_compile": backend})
+    a, b = _clips(clip_bytes, 4), _clips(clip_bytes, 4)
+    dyn.process_batch(a, [None] * 4)
+    assert compiles == []  # the dynamic cache never compiles
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    sta.process_batch(b, [None] * 4)
+    want = ("cudagraphs", None) if backend == "cudagraphs" else ("inductor", "reduce-overhead")
+    assert compiles == [want]  # two batches, one compile
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode step ran traced
+    assert [c.caption for c in b] == [c.caption for c in a]
+    assert all(c.caption for c in b)
+    with pytest.raises(Exception, match="caption.static_compile"):
+        build_stage("caption", {"cache": "static", "static_compile": "tensorrt"})
+
+
 def test_blip_multi_frame_and_named_revision(tiny, clip_bytes):
     st = _stage("caption", {"backend": "blip", "path": tiny["blip"], "frames": "multi",
                             "n_frames": 3, "model": "Salesforce/blip-image-captioning-large",

@@ -33,6 +33,28 @@ def test_caption_bf16_on_gpu(tmp_path):
     assert all(c.caption for c in clips)
 
 
+@pytest.mark.parametrize("compile_with", ["cudagraphs", "inductor"])
+def test_static_cache_cuda_graphs_give_the_same_captions(tmp_path, compile_with):
+    # caption.cache: static on CUDA compiles the decode step (caption.static_compile) and
+    # replays it from CUDA graphs: the captions must be the dynamic cache's, token for token
+    import torch
+
+    path = str(T.save_tiny_blip2(tmp_path / "b2"))
+    params = {"path": path, "batch_size": 4, "min_new_tokens": 6, "max_new_tokens": 6}
+    stages = []
+    for extra in ({}, {"cache": "static", "static_compile": compile_with}):
+        st = build_stage("caption", {**params, **extra})
+        st.bind(ModelsConfig(device="cuda"))
+        st.setup()
+        stages.append(st)
+    torch._dynamo.reset()
+    a, b = _clips(tmp_path, 6), _clips(tmp_path, 6)  # batches of 4 and 2 (padded to 4)
+    stages[0].process_batch(a, [None] * 6)
+    stages[1].process_batch(b, [None] * 6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert [c.caption for c in b] == [c.caption for c in a]
+
+
 def test_clip_score_on_gpu(tmp_path):
     st = build_stage("clip_score", {"path": str(T.save_tiny_open_clip(tmp_path / "oc")),
                                     "min_score": None})  # fmt: skip
