@@ -47,18 +47,18 @@ fi
 ATTN=$(python3 -c "import json,sys; a=json.load(open(sys.argv[1]))['attention_backends']
 print(','.join(x for x in a.split(',') if x.endswith('=triton')))" "$OUT/t2v_attention.json" 2>/dev/null)
 echo "compile: $COMPILE; attention under compile: ${ATTN:-SDPA everywhere, as inductor picks}"
-CACHE=.compile_cache
-mkdir -p "$CACHE"
-echo "compile cache: $(ls "$CACHE" | grep -c 'bin.gz$') file(s), $(du -sh "$CACHE" | cut -f1)"
+CCACHE=.compile_cache  # not CACHE: gpu_caption.sh reads that one (caption.cache)
+mkdir -p "$CCACHE"
+echo "compile cache: $(ls "$CCACHE" | grep -c 'bin.gz$') file(s), $(du -sh "$CCACHE" | cut -f1)"
 touch "$OUT/.started"
 left=$((BUDGET - SECONDS - 20))
 # start-up + FLOP count ~25 s, compile up to what is left less ~60 s for 5 timed + 2 profiled
 # steps and the JSON; ~10 s at the end to hand back what the compile added
 timeout "$left" python3 benchmarks/bench_t2v.py model --batch 4 --steps 5 --warmup 1 \
   --compile "$COMPILE" --compile-timeout $((left - 60)) --json "$OUT/t2v_compile.json" \
-  --compile-cache "$CACHE" ${ATTN:+--attention-backends "$ATTN"} \
+  --compile-cache "$CCACHE" ${ATTN:+--attention-backends "$ATTN"} \
   --profile "$OUT/t2v_profile_compiled" || echo "compiled bench failed or timed out: rc=$?"
-for f in $(find "$CACHE" -name '*.bin.gz' -newer "$OUT/.started"); do
+for f in $(find "$CCACHE" -name '*.bin.gz' -newer "$OUT/.started"); do
   split -b 15m -d "$f" "$OUT/$(basename "$f").part" && echo "compile cache back: $f ($(du -h "$f" | cut -f1))"
 done
 rm -f "$OUT/.started"

@@ -54,7 +54,9 @@ timeout 50 $BENCH --steps 6 --warmup 2 --profile "$OUT/t2v_profile_eager" \
 
 # 3b. A with the norms and GEGLU in the fused Triton kernels (train.kernels: triton), profiled:
 #     the same step with under half the non-matmul bytes (t2v_traffic.py: 332.9 -> 152.1 GB)
-timeout 60 $BENCH --steps 6 --warmup 2 --kernels triton --profile "$OUT/t2v_profile_triton" \
+# 120 s: the aten run takes ~40 s, and the first Triton step builds every kernel at every shape
+# (60 s did not cover the warm-up on an H100, 2026-11-28)
+timeout 120 $BENCH --steps 6 --warmup 2 --kernels triton --profile "$OUT/t2v_profile_triton" \
   || echo "triton-kernels bench failed or timed out: rc=$?"
 
 # 3c. 3b with each attention kind on its fastest backend (step 2), when one is not flash
