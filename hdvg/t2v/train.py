@@ -825,6 +825,7 @@ def _train(
 
     pending: dict[str, Any] | None = None  # the row of the last step, written after the next
     t_last = t_start = time.perf_counter()
+    t_last_step = step  # the step at t_last: a row's it/s covers the steps since
     start_step = step
     first = step + 1  # a compiled U-Net compiles in this step: say so, and how long it took
     if tc.compile and is_main:
@@ -897,10 +898,16 @@ def _train(
             log.warning("checkpoint after step %d for the preemption notice", step)
         checkpoint = step % tc.ckpt_every == 0 or step == total_steps or stopping or just_in_time
         val_now = bool(tc.val_every) and step % tc.val_every == 0
+        previews = bool(tc.sample_every) and step % tc.sample_every == 0
+        # validation, checkpoints and previews are not steps: the steps' own GPU work ends
+        # inside their interval, and the clock restarts after these (below)
+        side_work = checkpoint or val_now or previews
+        if side_work and device.type == "cuda":
+            torch.cuda.synchronize(device)
         if step % tc.log_every == 0 or step == total_steps or val_now:
             now = time.perf_counter()
-            dt = (now - t_last) / (tc.log_every if step % tc.log_every == 0 else 1)
-            t_last = now
+            dt = (now - t_last) / max(1, step - t_last_step)
+            t_last, t_last_step = now, step
             loss_val = loss.detach()
             if world > 1:  # queued on the GPU like the step: no wait here
                 torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
@@ -933,13 +940,17 @@ def _train(
             payload = checkpoint_payload()
             if is_main:
                 save_checkpoint(run_dir, step, payload, tc.keep_checkpoints)
-        if tc.sample_every and step % tc.sample_every == 0:  # each rank its share
+        if previews:  # each rank its share
             t_sample = time.perf_counter()
             where, done = sample_previews(run_dir, step, cfg, unet, ema, text_encoder, vae,
                                           device, rank, world)  # fmt: skip
             if done:
                 log.info("rank %d: sampled prompt(s) %s into %s in %.1f s", rank,
                          ",".join(map(str, done)), where, time.perf_counter() - t_sample)  # fmt: skip
+        if side_work:  # the next row's it/s counts training steps only
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_last, t_last_step = time.perf_counter(), step
         if stopping:
             break
 

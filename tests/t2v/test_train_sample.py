@@ -157,6 +157,33 @@ def test_validation_loss_is_the_loss_on_fixed_held_out_clips(shard_root, two_cli
         main(c, str(shard_root), tmp_path / "none")
 
 
+def test_rows_rate_training_steps_only(shard_root, two_clips, tmp_path, monkeypatch):
+    """A row's it/s is the steps since the last row over their time: a validation row between
+    two log rows (val_every 2, log_every 4) divides by the 2 steps it covers, not by 1 or 4,
+    and the time validation takes (3 s here) is not charged to the next row's steps."""
+    import time
+
+    import hdvg.t2v.train as train
+
+    real = train.validation_loss
+
+    def slow(*args, **kwargs):
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validation_loss", slow)
+    c = micro_cfg(steps=8, ckpt_every=100, val_every=2, val_batches=1, log_every=4)
+    c.data.num_workers = 0
+    c.data.val_shards = str(two_clips)
+    run = tmp_path / "run"
+    assert main(c, str(shard_root), run) == 0
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [2, 4, 6, 8]
+    rate = {s: rows[s]["it_s"] for s in (6, 8)}  # 2 steps each, after a validation each
+    assert min(rate.values()) > 1 / 3.0, rate  # the 3-s validation is outside
+    assert 0.5 < rate[6] / rate[8] < 2.0, rate  # the same kind of steps, the same rate
+
+
 def test_a_step_with_non_finite_gradients_updates_nothing(shard_root, tmp_path, monkeypatch):
     """Step 2's text embeddings turn NaN (as a bf16 overflow would make them): its gradients
     are NaN, the fused AdamW skips it on the device (weights and optimizer state as after step
