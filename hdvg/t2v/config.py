@@ -170,7 +170,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # true / "full": torch.compile the whole U-Net; "regional": each block apart (identical
     # blocks share code: 33 graphs for the base U-Net, compiled in half the whole one's time
-    # on a CPU; unet.compile_regions; neither finished compiling within ~2 min on an H100
+    # on a CPU; unet.compile_regions; regional did not finish compiling in 282 s on an H100
     # host, RESULTS.md); "norms": only the norms (layers.compile_norms), the rest eager;
     # false: eager
     compile: bool | str = False
@@ -179,6 +179,11 @@ class TrainConfig:
     # 333 -> ~165 GB at batch 4, t2v_traffic.py); "aten": the eager ops. Ignored on the CPU
     # and under compile
     kernels: str = "aten"
+    # NHWC weights and activations (unet.to_channels_last): cuDNN's bf16 convolutions run
+    # NHWC, and NCHW ones transposed in and out (~9 % of the eager step on an H100,
+    # RESULTS.md); CUDA's aten group norms copy NHWC to NCHW instead, the Triton kernels
+    # (kernels: triton) read it as it is. Checkpoints load either way
+    channels_last: bool = False
     # cuDNN times its convolution algorithms once per shape and keeps the fastest (a run's
     # shapes are fixed: data.size, data.frames, batch_size); false: its heuristics, the same
     # algorithms every run (bit-reproducible GPU runs)

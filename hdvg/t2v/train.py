@@ -49,7 +49,7 @@ from hdvg.t2v.data import (
 )
 from hdvg.t2v.layers import compile_norms, use_attention_backends, use_kernels
 from hdvg.t2v.text import build_text_encoder, encode_prompts
-from hdvg.t2v.unet import SwapUNet, compile_regions
+from hdvg.t2v.unet import SwapUNet, channels_last_input, compile_regions, to_channels_last
 from hdvg.t2v.vae import VideoVAE
 from hdvg.t2v.weights import load_pretrained_unet
 
@@ -149,6 +149,23 @@ def check_same_unet(saved: T2VConfig, cfg: T2VConfig, where: Path) -> None:
             f"{where} holds another U-Net than this config builds ({said}): resume with the "
             f"run's own config.yaml, or train into a new --output"
         )
+
+
+def lay_out_like_params(unet: torch.nn.Module, ema: EMA, optimizer) -> None:
+    """The EMA's and the optimizer's tensors in their parameters' memory layout, after a
+    resume from a checkpoint saved with the other ``train.channels_last``: the fused AdamW and
+    the EMA's multi-tensor lerp then take their fast paths (matching strides)."""
+    named = dict(unet.named_parameters())
+    shadow = dict(ema.shadow)  # a new dict: the EMA rebuilds its cached lists
+    for k, v in shadow.items():
+        p = named.get(k)
+        if p is not None and v.stride() != p.stride():
+            shadow[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+    ema.shadow = shadow
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 class EMA:
@@ -703,6 +720,8 @@ def _train(
         )
     unet.set_gradient_checkpointing(unet_cfg.gradient_checkpointing)
     unet.to(device).train()
+    if tc.channels_last:  # before the optimizer and the EMA: their tensors follow the layout
+        to_channels_last(unet)
     if tc.train_only_new:
         unet.requires_grad_(False)
         for m in unet.swap_modules():
@@ -744,6 +763,7 @@ def _train(
         stream = StreamState(cfg.data, data_state)
         dataset.load_state(stream.state_dict())
         set_rng_state(ckpt["rng"][rank], gen)
+        lay_out_like_params(unet, ema, optimizer)  # a run resumed with another layout
         log.info("resumed from %s at step %d", last, step)
         if is_main:
             trim_metrics(run_dir / "metrics.jsonl", step)
@@ -845,6 +865,8 @@ def _train(
         noise = torch.randn(latents.shape, generator=gen, device=device)
         t = torch.randint(0, tc.num_train_timesteps, (b,), generator=gen, device=device)
         noisy, target = diffuse(latents, noise, t, alphas, tc.prediction_type)
+        if tc.channels_last:
+            noisy = channels_last_input(noisy)
         return (noisy, t, text), target
 
     k = tc.grad_accum_steps

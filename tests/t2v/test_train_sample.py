@@ -105,6 +105,38 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
+def test_channels_last_training_matches_and_resumes_across_layouts(shard_root, tmp_path):
+    """train.channels_last: NHWC weights and inputs train to the NCHW run's losses (up to the
+    conv kernels' summation order); checkpoints hold NHWC weights; a run resumed with the
+    other layout lays its optimizer state and EMA out like its parameters again."""
+
+    def cfg(channels_last: bool) -> T2VConfig:
+        c = micro_cfg(steps=4, ckpt_every=2, channels_last=channels_last)
+        c.data.num_workers = 0
+        return c
+
+    def nhwc(t: torch.Tensor) -> bool:  # 3x3 conv weights: NHWC is not also NCHW
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.is_contiguous(memory_format=fmt) and not t.is_contiguous()
+
+    nchw, cl, mixed = tmp_path / "nchw", tmp_path / "cl", tmp_path / "mixed"
+    assert main(cfg(False), str(shard_root), nchw) == 0
+    assert main(cfg(True), str(shard_root), cl) == 0
+    want = losses(nchw)
+    assert losses(cl) == pytest.approx(want, rel=1e-4)
+    assert nhwc(load_checkpoint(cl / "last.ckpt")["model"]["conv_in.weight"])
+    assert not nhwc(load_checkpoint(nchw / "last.ckpt")["model"]["conv_in.weight"])
+    assert main(cfg(False), str(shard_root), mixed, steps=2) == 0
+    assert main(cfg(True), str(shard_root), mixed, resume=True) == 0
+    assert losses(mixed) == pytest.approx(want, rel=1e-4)
+    ckpt = load_checkpoint(mixed / "last.ckpt")
+    convs = [k for k, v in ckpt["model"].items() if v.dim() >= 4 and v.shape[-1] == 3]
+    assert convs and all(nhwc(ckpt["model"][k]) and nhwc(ckpt["ema"][k]) for k in convs)
+    moments = [v for st in ckpt["optimizer"]["state"].values() for v in st.values()
+               if v.dim() >= 4 and v.shape[-1] == 3]  # fmt: skip
+    assert len(moments) == 2 * len(convs) and all(nhwc(v) for v in moments)
+
+
 def test_a_restart_before_the_first_checkpoint_starts_over_cleanly(shard_root, tmp_path):
     """`--resume` in a run dir that has rows but no checkpoint yet (a restart by torchrun or
     Ray Train of a run killed before its first checkpoint): training starts from step 0, and
