@@ -174,6 +174,10 @@ class TrainConfig:
     # host, RESULTS.md); "norms": only the norms (layers.compile_norms), the rest eager;
     # false: eager
     compile: bool | str = False
+    # with compile: torch.compile's caches in RUN_DIR/compile_cache, so that a resumed or
+    # restarted run (another node of a shared run dir too) loads the compiled graphs instead of
+    # compiling again; false: inductor's default (per machine, /tmp). TORCHINDUCTOR_CACHE_DIR wins
+    compile_cache: bool = True
     # "triton": the group / layer norms (+ SiLU) and GEGLU of CUDA tensors in fused kernels
     # (t2v/kernels.py: bf16 in and out, fp32 inside; the step's non-matmul memory traffic
     # 333 -> ~165 GB at batch 4, t2v_traffic.py); "aten": the eager ops. Ignored on the CPU

@@ -233,7 +233,19 @@ def compile_norms(enable: bool = True, **compile_kwargs) -> None:
     U-Net), not ~30 block graphs. ``enable=False`` goes back to :class:`_Norm`."""
     global _compiled_norm
     compile_kwargs.setdefault("dynamic", True)
+    if enable:  # past dynamo's default limit (8) the other norms ran eager (one log line)
+        raise_recompile_limit()
     _compiled_norm = torch.compile(_plain_norm, **compile_kwargs) if enable else None
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Let dynamo keep ``limit`` compiled variants of one function (a norm kind, rank, layout
+    and channel count each; a block class and shape each under regional compile): past its
+    default of 8 it runs the function eagerly from then on, with one log line."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name moved in torch 2.7
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
 def group_norm(

@@ -151,6 +151,26 @@ def check_same_unet(saved: T2VConfig, cfg: T2VConfig, where: Path) -> None:
         )
 
 
+_compile_cache: str | None = None  # the TORCHINDUCTOR_CACHE_DIR use_compile_cache set
+
+
+def use_compile_cache(run_dir: Path) -> str:
+    """Point torch.compile's on-disk caches (inductor's graphs and kernels, AOT autograd's,
+    Triton's builds) at ``RUN_DIR/compile_cache``: a resumed run, or a restart on another node
+    of a shared run dir (torchrun, Ray Train after a preemption), loads what the first compile
+    built instead of compiling again (minutes for the base U-Net). A TORCHINDUCTOR_CACHE_DIR
+    the user set is kept; inductor's own default (it writes it into the environment) is not."""
+    global _compile_cache
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cur = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cur is not None and cur not in (_compile_cache, os.path.abspath(default_cache_dir())):
+        return cur
+    _compile_cache = str((run_dir / "compile_cache").resolve())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _compile_cache
+    return _compile_cache
+
+
 def lay_out_like_params(unet: torch.nn.Module, ema: EMA, optimizer) -> None:
     """The EMA's and the optimizer's tensors in their parameters' memory layout, after a
     resume from a checkpoint saved with the other ``train.channels_last``. Left as loaded, the
@@ -777,6 +797,8 @@ def _train(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     model = unet
+    if tc.compile and tc.compile_cache:
+        log.info("train.compile: compiled graphs cached in %s", use_compile_cache(run_dir))
     if tc.compile == "regional":  # in place, before DDP wraps it
         compile_regions(unet)
     compile_norms(tc.compile == "norms")  # process-wide: the norms of every U-Net

@@ -29,6 +29,7 @@ from hdvg.t2v.layers import (
     compute_dtype,
     group_norm_silu,
     is_channels_last,
+    raise_recompile_limit,
 )
 from hdvg.t2v.swap import SwapAttention
 
@@ -295,10 +296,7 @@ def compile_regions(model: nn.Module, **compile_kwargs) -> int:
     limit is raised to cover them. Returns the number of blocks compiled.
     """
     compile_kwargs.setdefault("dynamic", False)
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the name moved in torch 2.7
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+    raise_recompile_limit()
     blocks = [m for m in model.modules() if isinstance(m, REGION_TYPES)]
     for m in blocks:
         m.compile(**compile_kwargs)

@@ -137,6 +137,40 @@ def test_channels_last_training_matches_and_resumes_across_layouts(shard_root, t
     assert len(moments) == 2 * len(convs) and all(nhwc(v) for v in moments)
 
 
+def test_a_compiled_run_resumed_on_another_machine_loads_its_graphs(
+    shard_root, tmp_path, monkeypatch
+):
+    """train.compile with train.compile_cache (default): torch.compile's caches live in
+    RUN_DIR/compile_cache, not in the machine's default cache dir, so a run resumed elsewhere
+    (here: another default cache dir, the in-memory caches dropped as in a new process)
+    compiles nothing again: every inductor graph of its steps is a cache hit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime import cache_dir_utils
+
+    def cfg() -> T2VConfig:
+        c = micro_cfg(steps=2, ckpt_every=1, compile="norms")
+        c.data.num_workers = 0
+        return c
+
+    def on_machine(name: str) -> None:  # a fresh process on another machine, as inductor sees it
+        monkeypatch.setattr(cache_dir_utils, "default_cache_dir", lambda: str(tmp_path / name))
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        torch._dynamo.reset()
+        counters.clear()
+
+    run = tmp_path / "run"
+    on_machine("a")
+    assert main(cfg(), str(shard_root), run, steps=1) == 0
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0  # compiled here
+    assert any((run / "compile_cache").iterdir()) and not (tmp_path / "a").exists()
+    on_machine("b")
+    assert main(cfg(), str(shard_root), run, resume=True) == 0
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0  # nothing compiled again
+    assert sorted(losses(run)) == [1, 2] and np.isfinite(losses(run)[2])
+
+
 def test_a_restart_before_the_first_checkpoint_starts_over_cleanly(shard_root, tmp_path):
     """`--resume` in a run dir that has rows but no checkpoint yet (a restart by torchrun or
     Ray Train of a run killed before its first checkpoint): training starts from step 0, and
