@@ -15,3 +15,9 @@ for first in "$src"/*.bin.gz.part00; do
   echo ".compile_cache/$name ($(du -h ".compile_cache/$name" | cut -f1))"
 done
 du -sh .compile_cache
+# `run` carries 64 MiB at most: .whl/ (~44 MB, av the most of it) and this together
+total=$(du -scm .whl .compile_cache 2>/dev/null | tail -1 | cut -f1)
+if [ "$total" -gt 60 ]; then
+  echo "warning: .whl + .compile_cache = ${total} MiB: over what a call carries; for a" \
+    "compile-only call (PLAN=compile) move .whl/av-*.whl aside (the compile does not decode)"
+fi
