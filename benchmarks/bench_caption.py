@@ -179,6 +179,7 @@ class PoolBench:
                 self.pool_s.append(dt / k)
                 self.row_bytes.append((len(row["result"]) / k, len(row["clip_data"]) / k))
                 buf.append(row)
+                self.pool_done = time.perf_counter()  # the pool's last row: decoding ends
                 if len(buf) == per_batch:
                     while len(inflight) > calls:  # Ray's tasks in flight per actor
                         collect()
@@ -206,6 +207,17 @@ def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
     """The pipeline behind the frame pool, once per actor-calls value on the same warm
     pool; yields the rates and the breakdown of both sides of each."""
     pb = PoolBench(cfg, data, workers, per_source)
+    spans: list[tuple[float, float]] = []  # each `generate` batch: (start, end)
+    real = st._generate
+
+    def timed(inputs):
+        t = time.perf_counter()
+        try:
+            return real(inputs)
+        finally:
+            spans.append((t, time.perf_counter()))
+
+    st._generate = timed
     try:
         pool_only = pb.pool_only(min(n_clips, 512))
         for c in calls:
@@ -215,12 +227,28 @@ def run_pool(cfg, st, data: bytes, n_clips: int, workers: int, per_batch: int,
             st.timings.clear()
             pb.pool_s.clear()
             pb.row_bytes.clear()
+            spans.clear()
             dt, steady, done = pb.run(actor, n_clips, per_batch, c)
             res = _pool_result(pb, actor, st, dt, done, workers, c, pool_only)
             res["steady_captions_per_s"] = steady
+            res["actor"] |= contention(spans, pb.pool_done)
             yield res
     finally:
+        st._generate = real
         pb.close()
+
+
+def contention(spans: list[tuple[float, float]], pool_done: float) -> dict:
+    """Seconds per batch of the stage's `_generate` (`generate` with its device copy and text
+    decoding, a few ms) while the pool still decoded (the batch began before its last row) and
+    after (the actor alone on the CPUs): their ratio is what the decoders cost `generate`,
+    beside the direct loop's time per batch."""
+    out = {}
+    for name, sel in (("busy", [e - b for b, e in spans if b < pool_done]),
+                      ("idle", [e - b for b, e in spans if b >= pool_done])):  # fmt: skip
+        out[f"generate_s_pool_{name}"] = round(sum(sel) / len(sel), 4) if sel else None
+        out[f"batches_pool_{name}"] = len(sel)
+    return out
 
 
 def _pool_result(pb, actor, st, dt, done, workers, calls, pool_only) -> dict:
