@@ -177,17 +177,17 @@ def lay_out_like_params(unet: torch.nn.Module, ema: EMA, optimizer) -> None:
     fused AdamW's updates came out wrong (on the CPU the loss of the second step after such a
     resume was 0.8 % off the uninterrupted run's); the EMA's multi-tensor lerp also wants
     matching strides for its fast path."""
+
+    def like(p: torch.Tensor | None, v: Any) -> Any:
+        if p is None or not torch.is_tensor(v) or v.shape != p.shape or v.stride() == p.stride():
+            return v
+        return torch.empty_like(p, dtype=v.dtype).copy_(v)
+
     named = dict(unet.named_parameters())
-    shadow = dict(ema.shadow)  # a new dict: the EMA rebuilds its cached lists
-    for k, v in shadow.items():
-        p = named.get(k)
-        if p is not None and v.stride() != p.stride():
-            shadow[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-    ema.shadow = shadow
+    # a new dict: the EMA rebuilds its cached lists
+    ema.shadow = {k: like(named.get(k), v) for k, v in ema.shadow.items()}
     for p, state in optimizer.state.items():
-        for k, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        state.update({k: like(p, v) for k, v in state.items()})
 
 
 class EMA:
