@@ -92,7 +92,9 @@ def run(args: list[str], timeout_s: float, *, what: str = "ffmpeg") -> subproces
         raise FFmpegError("timeout", f"{what} exceeded {timeout_s:.0f}s")
     rc, out, err = res
     if rc != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        lines = err.decode(errors="replace").strip().splitlines()
+        # the cause comes first ("width not divisible by 2"), the consequences after it
+        tail = lines if len(lines) <= 3 else [lines[0], "...", *lines[-2:]]
         raise FFmpegError("ffmpeg_error", f"{what} exited {rc}: {' | '.join(tail)}")
     return subprocess.CompletedProcess(cmd, rc, out, err)
 

@@ -182,7 +182,9 @@ def decode_at(stream: Any, packets: list, at: dict[int, int], convert: Callable)
                 out[i] = convert(frame)
 
     flushed = False
-    for packet, need in zip(packets, _needed_packets(packets, at.keys(), cc.name), strict=True):
+    for packet, need in zip(
+        packets, _needed_packets(packets, at.keys(), cc.codec.canonical_name), strict=True
+    ):
         if not need:  # a GOP holding no wanted frame: never fed to the decoder
             continue
         cc.skip_frame = "DEFAULT" if packet.pts in at else "NONREF"

@@ -20,12 +20,12 @@ from typing import Any
 
 from . import PIPELINE_VERSION
 from .config import PipelineConfig
-from .cut import CutPlan, cut_clip, cut_clips, plan_cut
+from .cut import CutPlan, cut_clip, expected_frames, plan_cut, remux_clips
 from .download import DownloadError, fetch_task
 from .ffmpeg import FFmpegError
 from .frames import decode_frames, drop_frames, spec_for
 from .probe import ProbeError, probe
-from .records import Clip, SourceRecord, SourceResult, SourceTask, clip_key
+from .records import Clip, Probe, SourceRecord, SourceResult, SourceTask, clip_key
 from .scenes import SceneResult, detect_scenes
 from .stages import Stage, StageContext, build_stage
 
@@ -98,7 +98,7 @@ class SourceProcessor:
                 for stage in self.meta_stages:
                     stage.process_batch(result.clips, ctx)
             with timed(tm, "cut"):
-                self._cut_all(fetched.path, result.clips, plans, scenes)
+                self._cut_all(fetched.path, result.clips, plans, scenes, rec.probe)
             apply_stages(self.clip_stages, [result])
         except DownloadError as e:
             rec.fail(e.reason, str(e))
@@ -122,21 +122,14 @@ class SourceProcessor:
         clips, plans = [], []
         frames = [s.frame_index for s in scenes.samples]  # sorted by frame
         for i, sp in enumerate(scenes.spans):
-            plan = plan_cut(sp, scenes, self.cfg.cut)
-            w, h, fps = p.width, p.height, scenes.fps or p.fps
-            if plan.method == "reencode" and self.cfg.cut.short_side:
-                s = self.cfg.cut.short_side
-                w, h = (round(w * s / h / 2) * 2, s) if w >= h else (s, round(h * s / w / 2) * 2)
-            if self.cfg.cut.fps:
-                fps = self.cfg.cut.fps
+            plan = plan_cut(sp, scenes, self.cfg.cut, p)
             clip = Clip(
                 clip_id=clip_key(task.source_id, i), source_id=task.source_id,
-                source_url=task.url, clip_index=i,
-                start_s=plan.start_s, end_s=plan.end_s,
-                start_frame=plan.start_frame, end_frame=plan.end_frame,
-                duration_s=plan.end_s - plan.start_s, width=w, height=h, fps=fps,
-                cut_method=plan.method,
+                source_url=task.url, clip_index=i, start_s=0.0, end_s=0.0, start_frame=0,
+                end_frame=0, duration_s=0.0, width=p.width, height=p.height,
+                fps=scenes.fps or p.fps,
             )  # fmt: skip
+            self._apply_plan(clip, plan)
             if sp.given is not None:
                 clip.source_clip_id, clip.source_caption = sp.given.clip_id, sp.given.caption
             a = bisect.bisect_left(frames, plan.start_frame)
@@ -146,29 +139,39 @@ class SourceProcessor:
             plans.append(plan)
         return clips, plans
 
-    COPY_BATCH = 16  # stream copies per ffmpeg process
+    def _apply_plan(self, clip: Clip, plan: CutPlan) -> None:
+        """The clip's span, method and (until the cut is probed) expected size and rate."""
+        clip.start_s, clip.end_s = plan.start_s, plan.end_s
+        clip.start_frame, clip.end_frame = plan.start_frame, plan.end_frame
+        clip.duration_s, clip.cut_method = plan.end_s - plan.start_s, plan.method
+        s = self.cfg.cut.short_side
+        if plan.method == "reencode" and s:
+            w, h = clip.width, clip.height
+            clip.width, clip.height = (
+                (round(w * s / h / 2) * 2, s) if w >= h else (s, round(h * s / w / 2) * 2)
+            )
+        if self.cfg.cut.fps:
+            clip.fps = self.cfg.cut.fps
 
     def _cut_all(self, src: Path, clips: list[Clip], plans: list[CutPlan],
-                 scenes: SceneResult) -> None:  # fmt: skip
-        """Cut the live clips: stream copies in batches (one ffmpeg process each), re-encodes
-        one by one; a failed batch is retried clip by clip so each failure is its own row."""
+                 scenes: SceneResult, src_probe: Probe | None = None) -> None:  # fmt: skip
+        """Cut the live clips: all stream copies of the source in one remux pass, then the
+        re-encodes one by one. A copy whose packets are not exactly its frames is re-planned
+        as a re-encode of its scene."""
         live = [(c, p) for c, p in zip(clips, plans, strict=True) if c.alive]
         copies = [(c, p) for c, p in live if p.method == "copy"]
-        for i in range(0, len(copies), self.COPY_BATCH):
-            batch = copies[i : i + self.COPY_BATCH]
-            if len(batch) > 1:
-                try:
-                    tmp = str(self.work / "tmp")
-                    datas = cut_clips(str(src), [p for _, p in batch], scenes, self.cfg.cut, tmp)
-                except FFmpegError:
-                    datas = [None] * len(batch)
-            else:
-                datas = [None]
-            for (clip, plan), data in zip(batch, datas, strict=True):
+        tmp = str(self.work / "tmp")
+        datas = remux_clips(str(src), [p for _, p in copies], scenes, self.cfg.cut, tmp)
+        encodes = [(c, p) for c, p in live if p.method != "copy"]
+        for (clip, plan), data in zip(copies, datas, strict=True):
+            if data is not None:
                 self._cut(src, clip, plan, scenes, data)
-        for clip, plan in live:
-            if plan.method != "copy":
-                self._cut(src, clip, plan, scenes)
+            else:
+                plan = plan_cut(plan.span, scenes, self.cfg.cut, src_probe, copy=False)
+                self._apply_plan(clip, plan)
+                encodes.append((clip, plan))
+        for clip, plan in sorted(encodes, key=lambda cp: cp[0].clip_index):
+            self._cut(src, clip, plan, scenes)
 
     def _cut(self, src: Path, clip: Clip, plan: CutPlan, scenes: SceneResult,
              data: bytes | None = None) -> None:  # fmt: skip
@@ -178,13 +181,17 @@ class SourceProcessor:
             except FFmpegError as e:
                 clip.fail("timeout" if e.reason == "timeout" else "cut_error", str(e))
                 return
-        clip.data = data
-        clip.size_bytes = len(data)
         try:
             info = probe_clip(data)
         except Exception as e:  # noqa: BLE001 - an unreadable clip is this clip's failure
             clip.fail("cut_error", f"clip does not decode: {e}")
             return
+        want = expected_frames(plan, self.cfg.cut)
+        if info["frames"] != want:  # the cut must hold exactly the span's frames
+            clip.fail("cut_error", f"the cut holds {info['frames']} frames, the scene {want}")
+            return
+        clip.data = data
+        clip.size_bytes = len(data)
         clip.codec, clip.width, clip.height = info["codec"], info["width"], info["height"]
         clip.fps, clip.duration_s = info["fps"], info["duration_s"]
 
@@ -432,6 +439,8 @@ def probe_clip(data: bytes) -> dict:
     import av
 
     with av.open(io.BytesIO(data)) as c:
+        if not c.streams.video:
+            raise ValueError("no video stream (ffmpeg encoded no frame)")
         vs = c.streams.video[0]
         pts = sorted(p.pts for p in c.demux(vs) if p.pts is not None)
         tb = float(vs.time_base)
@@ -446,7 +455,7 @@ def probe_clip(data: bytes) -> dict:
             fps = float(vs.average_rate or 0) or 25.0
             duration = 1.0 / fps
         w, h = vs.codec_context.width, vs.codec_context.height
-        return {"codec": vs.codec_context.name, "width": w, "height": h, "fps": fps,
+        return {"codec": vs.codec_context.codec.canonical_name, "width": w, "height": h, "fps": fps,
                 "duration_s": duration, "frames": n}  # fmt: skip
 
 

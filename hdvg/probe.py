@@ -85,7 +85,7 @@ def probe(path: str | Path, cfg: ProbeConfig | None = None, vfr_packets: int = 2
             disp_w, disp_h = disp_h, disp_w
         return Probe(
             container=container.format.name,
-            codec=cc.name,
+            codec=cc.codec.canonical_name,  # av1, not the decoder's name (libdav1d)
             width=int(disp_w),
             height=int(disp_h),
             coded_width=coded_w,

@@ -86,7 +86,7 @@ def test_copy_at_keyframes_reencode_elsewhere(media_dir, tmp_path):
         src = keyed.path if plan in plans else nokey.path
         r = res if plan in plans else res2
         data = cut_clip(str(src), plan, r, cfg, str(tmp_path))
-        assert abs(_frames(data) - (sp.end_frame - sp.start_frame)) <= 1
+        assert _frames(data) == sp.end_frame - sp.start_frame
     always = CutConfig(mode="reencode", preset="ultrafast", fps=10, short_side=360)
     p = plan_cut(res.spans[0], res, always)
     assert p.method == "reencode"
@@ -98,47 +98,33 @@ def test_copy_at_keyframes_reencode_elsewhere(media_dir, tmp_path):
     assert n == round((res.spans[0].end_s - res.spans[0].start_s) * 10)
 
 
-def test_copies_of_a_source_share_one_ffmpeg_with_identical_bytes(media_dir, tmp_path):
-    """All stream copies of a source come from one ffmpeg process, byte-identical to the
-    clips cut one by one; a failing batch is retried clip by clip, so only the bad clip
-    fails."""
+def test_copies_of_a_source_are_one_remux_pass_with_identical_bytes(media_dir, tmp_path):
+    """All stream copies of a source come from one pass over its packets (no ffmpeg
+    process), byte-identical to the clips cut one by one and to a second run."""
     from hdvg import ffmpeg
     from hdvg.config import PipelineConfig
-    from hdvg.cut import cut_clips
+    from hdvg.cut import remux_clips
     from hdvg.pipeline import SourceProcessor
     from hdvg.records import Clip
 
     cfg = CutConfig(preset="ultrafast")
     m = media_dir["hd720.mp4"]
-    res = detect_scenes(str(m.path), probe(m.path), ScenesConfig())
-    plans = [plan_cut(sp, res, cfg) for sp in res.spans]
+    pr = probe(m.path)
+    res = detect_scenes(str(m.path), pr, ScenesConfig())
+    plans = [plan_cut(sp, res, cfg, pr) for sp in res.spans]
+    assert [p.method for p in plans] == ["copy", "copy"]
     one = [cut_clip(str(m.path), p, res, cfg, str(tmp_path)) for p in plans]
-    assert cut_clips(str(m.path), plans, res, cfg, str(tmp_path)) == one
+    assert remux_clips(str(m.path), plans, res, cfg, str(tmp_path)) == one
+    assert [_frames(d) for d in one] == [sp.end_frame - sp.start_frame for sp in res.spans]
 
     calls = []
-    real = ffmpeg.run
-    fail_batches = []
-
-    def run(args, *a, **k):
-        calls.append(args.count("-i"))
-        if fail_batches and args.count("-i") > 1:
-            raise ffmpeg.FFmpegError("cut_error", "injected")
-        return real(args, *a, **k)
-
-    def new_clips():
-        return [Clip(f"c{i}", "s", "u", i, 0, 1, 0, 1, 1, 1280, 720, 25.0) for i in range(2)]
-
     proc = SourceProcessor(PipelineConfig(), str(tmp_path / "out"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ffmpeg, "run", run)
-        clips = new_clips()
-        proc._cut_all(m.path, clips, plans, res)
-        assert calls == [2] and [c.data for c in clips] == one
-        calls.clear()
-        fail_batches.append(True)
-        clips = new_clips()
-        proc._cut_all(m.path, clips, plans, res)
-        assert calls == [2, 1, 1] and [c.data for c in clips] == one
+        mp.setattr(ffmpeg, "run", lambda *a, **k: calls.append(a))
+        clips = [Clip(f"c{i}", "s", "u", i, 0, 1, 0, 1, 1, 1280, 720, 25.0) for i in range(2)]
+        proc._cut_all(m.path, clips, plans, res, pr)
+    assert not calls and [c.data for c in clips] == one
+    assert all(c.cut_method is None and c.status != "failed" for c in clips)
 
 
 @pytest.mark.parametrize("detector", ["adaptive", "content"])

@@ -153,7 +153,7 @@ CLIP_DOCS = {
     "height": "display height of the clip as written",
     "fps": "average frame rate",
     "codec": "video codec of the clip as written",
-    "cut_method": "copy (stream copy at keyframes) or reencode",
+    "cut_method": "copy (the source's packets, from a keyframe) or reencode",
     "status": "accepted | rejected | failed | removed (by takedown)",
     "reason": "null when accepted; a stable code otherwise (first failed check)",
     "reasons": "every failed check's code",
