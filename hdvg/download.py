@@ -138,21 +138,33 @@ def scheme_of(url: str) -> str:
 
 def check_host(host: str | None, cfg: DownloadConfig) -> None:
     """Resolve `host` and refuse private, loopback, link-local (cloud metadata) and reserved
-    addresses unless the config allows them."""
+    addresses unless the config allows them. `download.allow_private_hosts` still refuses
+    link-local addresses (169.254.169.254 serves cloud credentials), unless
+    `download.allowed_hosts` names the host itself."""
     if not host:
         raise DownloadError("host_not_allowed", "URL has no host")
     host = host.lower().rstrip(".")
-    if cfg.allowed_hosts and host not in {h.lower() for h in cfg.allowed_hosts}:
+    listed = {h.lower() for h in cfg.allowed_hosts}
+    if cfg.allowed_hosts and host not in listed:
         raise DownloadError("host_not_allowed", f"host {host} not in download.allowed_hosts")
-    if cfg.allow_private_hosts:
+    if cfg.allow_private_hosts and host in listed:
         return
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror as e:
+        if cfg.allow_private_hosts:  # the fetch itself reports it
+            return
         raise DownloadError("network_error", f"cannot resolve {host}: {e}") from None
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not ip.is_global or ip.is_multicast:
+        if cfg.allow_private_hosts:
+            if ip.is_link_local:
+                raise DownloadError(
+                    "host_not_allowed",
+                    f"{host} resolves to link-local address {ip} (cloud metadata); name it "
+                    "in download.allowed_hosts to fetch from it",
+                )
+        elif not ip.is_global or ip.is_multicast:
             raise DownloadError(
                 "host_not_allowed",
                 f"{host} resolves to non-public address {ip} (set download.allow_private_hosts)",

@@ -107,6 +107,25 @@ def test_loopback_refused_by_default(srv, tmp_path):
     assert e.value.reason == "host_not_allowed"
 
 
+def test_private_hosts_allowed_still_refuse_cloud_metadata(srv, tmp_path):
+    """`allow_private_hosts` opens loopback and private ranges (an internal object store),
+    not link-local ones: a redirect to 169.254.169.254 (cloud credentials) is refused before
+    any connection, unless `allowed_hosts` names that address itself."""
+    from hdvg.download import check_host
+
+    private = DownloadConfig(allow_private_hosts=True)
+    assert fetch(srv.file_url("v.mp4"), tmp_path / "d.bin", private).size_bytes == len(VIDEO)
+    srv.redirect("/to-metadata", "http://169.254.169.254/latest/meta-data/")
+    with pytest.raises(DownloadError, match="link-local") as e:
+        fetch(srv.url("/to-metadata"), tmp_path / "d.bin", private)
+    assert e.value.reason == "host_not_allowed"
+    for host in ("169.254.169.254", "fe80::1"):
+        with pytest.raises(DownloadError, match="link-local"):
+            check_host(host, private)
+    check_host("169.254.169.254", DownloadConfig(allow_private_hosts=True,
+                                                 allowed_hosts=["169.254.169.254"]))  # fmt: skip
+
+
 def test_size_caps_and_lying_length(srv, tmp_path):
     srv.route("/big", Route(body=VIDEO))
     assert _reason(srv.url("/big"), tmp_path, max_bytes=1000) == "too_large"  # declared
