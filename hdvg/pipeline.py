@@ -132,6 +132,8 @@ class SourceProcessor:
             self._apply_plan(clip, plan)
             if sp.given is not None:
                 clip.source_clip_id, clip.source_caption = sp.given.clip_id, sp.given.caption
+            else:  # the input list's caption column
+                clip.source_caption = task.input_caption
             a = bisect.bisect_left(frames, plan.start_frame)
             b = bisect.bisect_left(frames, plan.end_frame)
             clip.samples = scenes.samples[a:b]

@@ -20,6 +20,16 @@ def _f(x) -> float:
     return float(x) if x is not None else 0.0
 
 
+def _is_iso_bmff(path: str) -> bool:
+    """The file starts like an MP4 / MOV: an ``ftyp`` box (or ``moov`` / ``mdat`` / ``free``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide")
+
+
 def probe(path: str | Path, cfg: ProbeConfig | None = None, vfr_packets: int = 240) -> Probe:
     import av
 
@@ -29,10 +39,15 @@ def probe(path: str | Path, cfg: ProbeConfig | None = None, vfr_packets: int = 2
     try:
         container = av.open(path, timeout=cfg.timeout_s)
     except av.error.InvalidDataError as e:
+        if _is_iso_bmff(path):  # an MP4 / MOV whose index (moov, written last) never came
+            raise ProbeError("truncated", f"an MP4 without its index, cut off: {e}") from None
         raise ProbeError("not_video", f"not a media file: {e}") from None
     except (av.error.FFmpegError, OSError) as e:
         raise ProbeError("decode_error", f"cannot open: {e}") from None
     with container:
+        fmt = container.format.name
+        if fmt == "image2" or fmt.endswith("_pipe"):  # png_pipe, jpeg_pipe, webp_pipe, ...
+            raise ProbeError("not_video", f"an image ({fmt}), not a video")
         if not container.streams.video:
             raise ProbeError("not_video", "no video stream")
         vs = container.streams.video[0]

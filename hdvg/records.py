@@ -7,6 +7,8 @@ Per-sample failures are data: a `Clip` or `SourceRecord` carries `status` and a 
 from __future__ import annotations
 
 import hashlib
+import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +59,22 @@ REASONS = {
 }
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per local file: a path (relative ones from the working directory) or a
+    ``file://`` URL becomes the absolute, normalized path; other URLs are left as they are."""
+    if "://" not in url:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(url)))
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):
+        return os.path.normpath(urllib.parse.unquote(parts.path))
+    return url
+
+
 def source_id_for(url: str) -> str:
-    """Stable id of a source: the same URL gives the same id (and clip keys) on every run."""
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
+    """Stable id of a source: the same URL gives the same id (and clip keys) on every run,
+    and so do the spellings of one local file (``/x/a.mp4``, ``/x/./a.mp4``,
+    ``file:///x/a.mp4``), which an input list thus holds once."""
+    return hashlib.sha256(canonical_url(url).encode()).hexdigest()[:16]
 
 
 def clip_key(source_id: str, index: int) -> str:

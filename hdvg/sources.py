@@ -51,7 +51,9 @@ def _task(order: int, row: dict[str, Any]) -> SourceTask:
 def read_sources(spec: str | Path) -> list[SourceTask]:
     p = Path(spec)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
+        # a dangling link is listed too: it becomes a not_found row, not a silent gap
+        files = sorted(f for f in p.rglob("*") if (f.is_file() or f.is_symlink() and not
+                       f.exists()) and f.suffix.lower() in VIDEO_EXTS)  # fmt: skip
         return [_task(i, {"url": str(f.resolve())}) for i, f in enumerate(files)]
     if not p.is_file():
         raise SourceListError(f"input not found: {spec}")

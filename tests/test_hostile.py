@@ -147,6 +147,14 @@ def corpus(tmp_path_factory):
                 str(d / "bomb.mp4")], 60)  # fmt: skip
     (d / "bomb1.mp4").unlink()
     os.mkfifo(d / "fifo.mp4")  # open() on it would block forever
+    # a still image saved as .mp4, and an MP4 cut off before its index (written last)
+    ffmpeg.run(["-y", "-f", "lavfi", "-i", "testsrc2=size=1280x720", "-frames:v", "1",
+                str(d / "image.png")], 60)  # fmt: skip
+    (d / "image.png").rename(d / "image.mp4")
+    ffmpeg.run(["-y", "-i", str(good), "-c", "copy", str(d / "tail.mp4")], 60)  # moov at the end
+    tail = (d / "tail.mp4").read_bytes()
+    (d / "no_index.mp4").write_bytes(tail[: len(tail) * 2 // 3])
+    (d / "tail.mp4").unlink()
     # shell metacharacters in a name: a shell anywhere in the path would create MARK files
     (d / f"$(touch {MARK}); touch {MARK}.mp4").write_bytes(data)
     return d
@@ -187,6 +195,8 @@ def test_hostile_corpus(corpus, servers, ray_local, tmp_path, monkeypatch):
         "page.mp4": ("failed", "not_video"),
         "audio_only.mp4": ("failed", "not_video"),
         "one_frame.mp4": ("failed", "no_scenes"),
+        "image.mp4": ("failed", "not_video"),
+        "no_index.mp4": ("failed", "truncated"),
         "huge.mp4": ("failed", "bad_header"),
         "bomb.mp4": ("failed", "timeout"),
         "fifo.mp4": ("failed", "not_a_file"),

@@ -44,6 +44,28 @@ def test_list_formats(tmp_path, fmt):
         assert tasks[1].input_caption is None and tasks[1].start_s is None
 
 
+def test_spellings_of_one_local_file_are_one_source(tmp_path, monkeypatch):
+    """A list naming one file as a path, a path with `.` / `..` parts, a relative path and a
+    `file://` URL holds it once (each spelling used to be its own source, with the same
+    clips); a dangling link in an input directory is listed (a `not_found` row later)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v").mkdir()
+    a = tmp_path / "v" / "a b.mp4"
+    spellings = [str(a), f"{tmp_path}/v/./a b.mp4", f"{tmp_path}/v/../v/a b.mp4", "v/a b.mp4",
+                 "file://" + str(a).replace(" ", "%20"), f"file://localhost{a}"]  # fmt: skip
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{u}\n" for u in [*spellings, "https://example.com/a.mp4"]))
+    tasks = read_sources(lst)
+    assert [t.url for t in tasks] == [str(a), "https://example.com/a.mp4"]
+    assert len({source_id_for(u) for u in spellings}) == 1
+    assert source_id_for("https://example.com/./a.mp4") != source_id_for(
+        "https://example.com/a.mp4"
+    )  # remote URLs are the server's to interpret
+    a.write_bytes(b"x")
+    (tmp_path / "v" / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    assert [Path(t.url).name for t in read_sources(tmp_path / "v")] == ["a b.mp4", "nowhere.mp4"]
+
+
 def test_unreadable_lists_are_clear_errors(tmp_path):
     with pytest.raises(SourceListError, match="not found"):
         read_sources(tmp_path / "nope.txt")
@@ -78,8 +100,13 @@ def test_fsspec_source_and_shard_targets(tmp_path, media_dir, ray_local):
     assert not list((out / ".work" / "downloads").glob("*"))  # temporary download removed
 
     # shard targets: at most 2 samples per shard unless one source alone has more
+    # ... listed with a caption column: the captions reach the clips ({key}.txt, and the
+    # manifest's source_caption) when no caption model runs
     names = ["hd1080.mp4", "hd720.mp4", "nokey720.mp4", "late.ts"]
-    listing.write_text("".join(f"{media_dir[n].path}\n" for n in names))
+    caps = {"hd720.mp4": "a test card, then a fractal", "late.ts": 'late, "quoted" text'}
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"url": [str(media_dir[n].path) for n in names],
+                  "caption": [caps.get(n) for n in names]}).to_csv(listing, index=False)  # fmt: skip
     cfg = load_pipeline(ROOT / "pipelines" / "smoke.yaml")
     cfg.shards.max_samples = 2
     out = tmp_path / "small"
@@ -90,10 +117,19 @@ def test_fsspec_source_and_shard_targets(tmp_path, media_dir, ray_local):
         per_source.setdefault(c["source_id"], set()).add(c["shard"])
     assert all(len(s) == 1 for s in per_source.values())  # a source never spans shards
     assert len(shards) == 4
+    texts = {}
     for sh in shards:
         with tarfile.open(sh) as t:
             n = len(t.getnames()) // 3
+            texts |= {m.name[:-4]: t.extractfile(m).read().decode() for m in t if
+                      m.name.endswith(".txt")}  # fmt: skip
         assert n <= 3  # hd1080 alone has 3 clips
+    by_path = {str(media_dir[n].path): n for n in names}
+    rows = pq.read_table(out / "manifest" / "clips").to_pylist()
+    assert len(texts) == len(rows) == 9
+    for c in rows:
+        want = caps.get(by_path[c["source_url"]])
+        assert (c["source_caption"], texts[c["clip_id"]]) == (want, want or ""), c["clip_id"]
     cfg.shards.max_samples = 1000
     cfg.shards.max_bytes = 1
     out = tmp_path / "bytes"

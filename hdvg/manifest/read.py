@@ -162,7 +162,7 @@ CLIP_DOCS = {
     "caption": "caption text",
     "caption_model": "model that wrote the caption (name + revision)",
     "source_clip_id": "released clip id when the input was HD-VG-130M metadata",
-    "source_caption": "released caption when the input was HD-VG-130M metadata",
+    "source_caption": "the input's caption: HD-VG-130M's released one, or a list's caption column",
     "shard": "shard file name under OUT/shards",
     "tar_offset": "byte offset of the mp4 member's data in the shard (null once removed)",
     "size_bytes": "size of the mp4",

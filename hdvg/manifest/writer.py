@@ -160,7 +160,10 @@ class DatasetWriter:
                     extras[name].write_bytes(blob)
                     self.pending_bytes += len(blob)
                 clip.data, clip.extras = None, {}
-                self.pending.append((clip.clip_id, path, clip.caption or "",
+                # {key}.txt: the model's caption, else the one the input gave (HD-VG-130M's
+                # released caption, an input list's caption column)
+                text = clip.caption or clip.source_caption or ""
+                self.pending.append((clip.clip_id, path, text,
                                      clip_row(clip, self.meta, self.score_columns), extras))  # fmt: skip
             else:
                 clip.data, clip.extras = None, {}
