@@ -101,7 +101,7 @@ class CutConfig:
     fps: float | None = None  # reencode mode: normalize frame rate
     short_side: int | None = None  # reencode mode: normalize size (short side, even)
     threads: int = 1
-    keep_audio: bool = False
+    keep_audio: bool = False  # clips carry the source audio of their span (AAC when re-encoded)
     timeout_s: float = 300.0
 
     def validate(self) -> None:

@@ -117,7 +117,9 @@ def _args(src: str, plan: CutPlan, scenes: SceneResult, cfg: CutConfig) -> tuple
     if cfg.short_side:
         s = cfg.short_side
         vf.append(f"scale='if(gt(iw,ih),-2,{s})':'if(gt(iw,ih),{s},-2)'")
-    out = [*skip, *([] if cfg.keep_audio else ["-an"]), "-frames:v", str(nframes)]
+    # audio (cut.keep_audio, when the source has any): AAC, cut to the clip's duration
+    audio = ["-c:a", "aac", "-t", f"{plan.end_s - plan.start_s:.6f}"] if cfg.keep_audio else ["-an"]
+    out = [*skip, *audio, "-frames:v", str(nframes)]
     out += ["-vf", ",".join(vf)] if vf else []
     out += [] if cfg.fps else ["-fps_mode", "passthrough"]  # every source frame, none added
     out += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf),
@@ -145,7 +147,8 @@ def cut_clip(src: str, plan: CutPlan, scenes: SceneResult, cfg: CutConfig, tmp_d
     os.close(fd)
     try:
         inp, oargs = _args(src, plan, scenes, cfg)
-        ffmpeg.run([*inp, "-map", "0:v:0", *oargs, "-y", out], cfg.timeout_s, what="cut")
+        maps = ["-map", "0:v:0", *(["-map", "0:a:0?"] if cfg.keep_audio else [])]
+        ffmpeg.run([*inp, *maps, *oargs, "-y", out], cfg.timeout_s, what="cut")
         data = Path(out).read_bytes()
         if not data:
             raise ffmpeg.FFmpegError("cut_error", "ffmpeg wrote an empty clip")

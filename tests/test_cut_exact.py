@@ -183,3 +183,26 @@ def test_a_cut_that_encodes_nothing_fails_with_its_reason(tmp_path, monkeypatch)
     assert bad.status == "failed" and bad.reason == "cut_error"
     assert any(w in bad.error for w in ("no video stream", "empty clip", "frames")), bad.error
     assert clips[0].status == "accepted"
+
+
+def test_keep_audio_cuts_the_audio_with_the_clip(tmp_path):
+    """cut.keep_audio: copies and re-encodes both carry the source's audio for the clip's
+    span (re-encodes mapped only the video before); off (the default), clips are silent."""
+    base = make_video(tmp_path / "b.mp4", VideoSpec(480, 270, 25, (2.2, 2.0, 1.8), gop=25,
+                                                    keyframes_at_cuts=False))  # fmt: skip
+    src = tmp_path / "av.mp4"
+    ffmpeg.run(["-y", "-i", str(base), "-f", "lavfi", "-i", "sine=frequency=440:duration=6",
+                "-c:v", "copy", "-c:a", "aac", "-shortest", str(src)], 60)  # fmt: skip
+    for keep in (True, False):
+        cut = CutConfig(preset="ultrafast", crf=12, keep_audio=keep)
+        clips, _ = cut_all(src, tmp_path, cut=cut)
+        assert {c.cut_method for c in clips} == {"copy", "reencode"}
+        assert_exact(src, clips)
+        for c in clips:
+            with av.open(io.BytesIO(c.data)) as f:
+                assert bool(f.streams.audio) == keep, (c.clip_id, c.cut_method)
+                if keep:
+                    a = f.streams.audio[0]
+                    pts = [p.pts * a.time_base for p in f.demux(a) if p.pts is not None]
+                    span = float(max(pts) - min(pts))
+                    assert abs(span - (c.end_s - c.start_s)) < 0.1, (c.cut_method, span)
