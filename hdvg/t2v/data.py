@@ -242,13 +242,24 @@ def decode_clip(data: bytes, cfg: DataConfig, rng: random.Random, meta: dict | N
             if idx is None:
                 return Clip(None, "too_short")
             w, h = stream.codec_context.width, stream.codec_context.height
-            scale = max(out_w / w, out_h / h)
-            rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-            y0, x0 = (rh - out_h) // 2, (rw - out_w) // 2
+            sar = float(stream.sample_aspect_ratio or 1) or 1.0
+            geometry: dict[int, tuple[int, int, int, int]] = {}
 
             def crop(frame) -> np.ndarray:
-                rgb = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA")
-                return rgb[y0 : y0 + out_h, x0 : x0 + out_w]
+                # the picture as players show it: pixels widened by the SAR, turned by the
+                # display rotation (hdvg's clips have neither; other tools' shards may)
+                k = (int(frame.rotation or 0) // 90) % 4  # quarter turns counterclockwise
+                if k not in geometry:
+                    dw, dh = (h, w * sar) if k % 2 else (w * sar, h)
+                    scale = max(out_w / dw, out_h / dh)
+                    rw, rh = max(out_w, round(dw * scale)), max(out_h, round(dh * scale))
+                    sw, sh = (rh, rw) if k % 2 else (rw, rh)  # stored size before turning
+                    geometry[k] = (sw, sh, (rh - out_h) // 2, (rw - out_w) // 2)
+                sw, sh, y0, x0 = geometry[k]
+                rgb = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="AREA")
+                if k:
+                    rgb = np.rot90(rgb, k)
+                return np.ascontiguousarray(rgb[y0 : y0 + out_h, x0 : x0 + out_w])
 
             # only the GOPs holding a wanted frame are decoded, unreferenced frames skipped
             got = decode_at(stream, packets, {pts[i]: i for i in set(idx)}, crop)

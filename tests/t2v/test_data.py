@@ -123,6 +123,35 @@ def test_decode_resizes_and_center_crops(tmp_path):
     assert decode_clip(b"not a video", cfg(), random.Random(0)).reason.startswith("decode_error")
 
 
+@pytest.mark.parametrize("kind", ["rotated", "anamorphic"])
+def test_decode_shows_the_picture_players_show(tmp_path, kind):
+    """Shards of other tools may hold a phone video stored landscape with a display rotation,
+    or anamorphic pixels (hdvg's own clips have neither): the trainer takes the upright,
+    square-pixel picture -- the same crop as from the clip re-encoded upright by ffmpeg."""
+    from hdvg import ffmpeg
+    from hdvg.media import VideoSpec, make_video
+
+    if kind == "rotated":  # stored 320x180, shown 180x320
+        base = make_video(tmp_path / "b.mp4", VideoSpec(320, 180, 8, (2.0,)))
+        src = tmp_path / "rot.mp4"
+        ffmpeg.run(["-y", "-display_rotation", "90", "-i", str(base), "-c", "copy", str(src)], 60)
+    else:  # stored 240x180 with 4:3 pixels, shown 320x180
+        base = make_video(tmp_path / "b.mp4", VideoSpec(240, 180, 8, (2.0,)))
+        src = tmp_path / "sar.mp4"
+        ffmpeg.run(["-y", "-i", str(base), "-vf", "setsar=4/3", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-qp", "0", str(src)], 60)  # fmt: skip
+    upright = tmp_path / "upright.mp4"  # ffmpeg's CLI turns and widens while re-encoding
+    ffmpeg.run(["-y", "-i", str(src), "-vf", "scale=trunc(iw*sar/2)*2:ih,setsar=1", "-c:v",
+                "libx264", "-preset", "ultrafast", "-qp", "0", str(upright)], 60)  # fmt: skip
+    c = cfg(frames=4, fps=None, stride=2, size=(48, 64))
+    got = decode_clip(src.read_bytes(), c, random.Random(0))
+    want = decode_clip(upright.read_bytes(), c, random.Random(0))
+    assert got.frames is not None and got.frames.shape == want.frames.shape == (4, 48, 64, 3)
+    # resizing before or after the turn differs by ~8 levels; the picture taken as stored,
+    # sideways or squeezed, is 124 / 53 levels off (checked)
+    assert np.abs(got.frames.astype(int) - want.frames).mean() < 15
+
+
 def test_too_short_clips_are_skipped_and_counted(shard_root):
     # 8 frames at 4 fps needs >= 1.75 s: the 1 s smpte clip is dropped, with a count
     ds = ShardClips(str(shard_root), cfg(frames=8))
