@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import random
 import tarfile
 import time
@@ -302,12 +303,16 @@ class ShardClips(IterableDataset):
         self.seed = seed
         self.cursors: dict[int, int] = {}  # global worker id -> raw samples already consumed
         self.batches = 0  # batches the trainer consumed (DataLoader workers take turns)
+        # this rank's place, read here in the trainer's process: loader workers start from a
+        # forkserver made once per process, whose environment (RANK, WORLD_SIZE) is its
+        # start's, and they have no process group to ask
+        self.rank_world = world() if split else (0, 1)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume from :class:`StreamState` ``state_dict()`` (same worker count required)."""
         n = get_num_workers(self.cfg)
         if state.get("num_workers", n) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume the data stream with {n} workers; it was saved with "
                 f"{state['num_workers']} (set data.num_workers back)"
             )
@@ -344,7 +349,7 @@ class ShardClips(IterableDataset):
             yield None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size = world() if self.split else (0, 1)
+        rank, world_size = self.rank_world
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         # the DataLoader asks its workers in turn, starting from worker 0: after `batches`
@@ -484,7 +489,18 @@ def make_loader(
         prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=False,
         worker_init_fn=_ignore_sigterm if ignore_sigterm else None,
+        multiprocessing_context=worker_context() if cfg.num_workers else None,
     )
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a clean process, not a fork of the trainer's: FFmpeg's
+    thread pools (PyAV decoding the validation clips, writing previews) do not survive a
+    fork, and a forked worker waited forever on a scaler thread it did not have. The
+    forkserver imports this module (torch, PyAV) once; workers fork from it ready."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["hdvg.t2v.data"])  # no effect once the server is running
+    return ctx
 
 
 def _ignore_sigterm(worker_id: int) -> None:
