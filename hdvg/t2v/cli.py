@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from hdvg.cli import positive_int
@@ -47,6 +48,20 @@ def _sample(args: argparse.Namespace) -> int:
         prompts_file=args.prompts,
         batch_size=args.batch_size,
     )
+
+
+def finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return x
+
+
+def seed_int(text: str) -> int:
+    x = int(text)
+    if not -(2**63) <= x < 2**63:  # torch.Generator's range
+        raise argparse.ArgumentTypeError(f"{text}: a seed is a 64-bit signed integer")
+    return x
 
 
 def _guard(fn):
@@ -99,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ray-address", default=None, help="Ray cluster: auto or ADDR (default: a local Ray)"
     )
     r.add_argument(
-        "--ray-workers", type=int, default=None, help="DDP workers (default: one per GPU)"
+        "--ray-workers", type=positive_int, default=None, help="DDP workers (default: one per GPU)"
     )
     r.add_argument(
         "--ray-gpus-per-worker", type=float, default=None, help="default: 1 with GPUs, else 0"
@@ -128,8 +143,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     s.add_argument("--frames", type=positive_int, default=None, help="default: the config's")
     s.add_argument("--steps", type=positive_int, default=None, help="DDIM steps")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--seed", type=int, default=0,
+    s.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale")  # fmt: skip
+    s.add_argument("--seed", type=seed_int, default=0,
                    help="same seed, same video (with --prompts: line i takes seed + i)")  # fmt: skip
     s.add_argument("--negative-prompt", default=None, help="guided away from (default: empty)")
     s.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")

@@ -9,6 +9,7 @@ every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,13 @@ class DataConfig:
             raise ConfigError("data.read_timeout_s must be positive")
         if self.frames < 1 or min(self.size) < 8:
             raise ConfigError("data: frames >= 1 and size >= 8 required")
+        if (self.fps is not None and not self.fps > 0) or (self.stride is not None and
+                                                           self.stride < 1):  # fmt: skip
+            raise ConfigError("data.fps must be > 0 (or data.stride >= 1)")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ConfigError(
+                "data: batch_size >= 1, num_workers >= 0 and shuffle_buffer >= 1 required"
+            )
 
 
 @dataclass
@@ -220,6 +228,14 @@ class TrainConfig:
             raise ConfigError("train.val_every must be >= 0 and train.val_batches >= 1")
         if self.kernels not in ("aten", "triton"):
             raise ConfigError("train.kernels must be aten or triton")
+        for name in ("steps", "log_every", "ckpt_every", "keep_checkpoints",
+                     "num_train_timesteps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("train: lr > 0, warmup_steps >= 0 and weight_decay >= 0 required")
+        if not (0.0 <= self.ema_decay < 1.0 and 0.0 <= self.cfg_dropout <= 1.0):
+            raise ConfigError("train: ema_decay in [0, 1) and cfg_dropout in [0, 1] required")
         from hdvg.t2v.layers import attention_backends_error
 
         error = attention_backends_error(self.attention_backends)
@@ -249,6 +265,15 @@ class T2VConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        sc, steps = self.sample, self.train.num_train_timesteps
+        if not 1 <= sc.steps <= steps:  # checked now, not at the first preview hours in
+            raise ConfigError(
+                f"sample.steps must be between 1 and {steps} (train.num_train_timesteps)"
+            )
+        if (sc.frames is not None and sc.frames < 1) or (sc.fps is not None and not sc.fps > 0):
+            raise ConfigError("sample: frames >= 1 and fps > 0 required")
+        if not math.isfinite(sc.guidance):
+            raise ConfigError("sample.guidance must be a finite number")
         if self.train.sample_every < 0:
             raise ConfigError("train.sample_every must be 0 (never) or a number of steps")
         if self.train.sample_every and not self.sample.prompts:

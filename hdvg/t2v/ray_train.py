@@ -242,6 +242,9 @@ def launch(
         resources,
         run_dir,
     )
+    from hdvg.t2v.train import absolute_weight_paths
+
+    absolute_weight_paths(cfg)  # from the driver's directory: workers run in others
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

@@ -134,7 +134,10 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": "17", "preset": "medium", "threads": "1"}
+        # mbtree off: with it x264 wrote different bytes for the same frames from run to run
+        # at small sizes (32x32: 3 encodings in 5 processes), breaking "same seed, same video"
+        opts = {"crf": "17", "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
+        stream.options = opts
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -189,6 +192,9 @@ def sampling_options(
     config's `sample` section (frames: else data.frames). The training previews use the same,
     so they are the videos `hdvg sample` makes."""
     sc = cfg.sample
+    most = cfg.train.num_train_timesteps
+    if steps is not None and steps > most:  # before any denoising, not in the scheduler
+        raise ConfigError(f"--steps {steps}: at most {most} (the schedule's timesteps)")
     return {
         "frames": frames or sc.frames or cfg.data.frames,
         "steps": steps or sc.steps,

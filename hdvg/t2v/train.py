@@ -40,6 +40,7 @@ import yaml
 
 from hdvg.t2v.config import ConfigError, T2VConfig, TrainConfig, UNetConfig, from_dict
 from hdvg.t2v.data import (
+    NoClipsError,
     ShardClips,
     StreamState,
     collate_clips,
@@ -606,7 +607,7 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, step: int = 0):
         self.enabled = enabled
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self.tb = None
@@ -614,7 +615,9 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # events after `step` (logged by a killed run after its last checkpoint) are
+                # dropped, as trim_metrics drops their rows: TensorBoard showed them twice
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
             except ImportError:  # tensorboard is optional at run time
                 log.warning("tensorboard not installed: metrics go to metrics.jsonl only")
 
@@ -679,14 +682,47 @@ def check_validation(cfg: T2VConfig) -> None:
 
 
 def check_fresh_run(run_dir: Path, resume: bool) -> None:
-    """A run without `--resume` must not start over a run dir that holds a run: it would train
-    from step 0 and write its checkpoints and metrics over that run's."""
-    last = Path(run_dir) / "last.ckpt"
-    if not resume and (last.exists() or last.is_symlink()):
+    """A run without `--resume` must not start over a run dir that holds a run -- a link, a
+    checkpoint or metrics rows (a run killed before its first checkpoint): it would train from
+    step 0 and write its checkpoints and metrics over that run's."""
+    run_dir = Path(run_dir)
+    last, metrics = run_dir / "last.ckpt", run_dir / "metrics.jsonl"
+    held = [p for p in (last,) if p.exists() or p.is_symlink()]
+    held += sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1:]
+    held += [metrics] if metrics.is_file() and metrics.stat().st_size else []
+    if not resume and held:
         raise ConfigError(
-            f"{run_dir} already holds a run ({last}): pass --resume to go on from it, or "
+            f"{run_dir} already holds a run ({held[0]}): pass --resume to go on from it, or "
             f"another --output to start a new one"
         )
+
+
+def absolute_weight_paths(cfg: T2VConfig) -> None:
+    """Relative weight paths (text_encoder.path, vae.path, model.pretrained) made absolute
+    from the working directory, in place: the run's config.yaml and checkpoints record them
+    so, and `hdvg sample` finds the weights from any directory (it looked for
+    `weights/...` relative to wherever it ran)."""
+    for section in (cfg.text_encoder, cfg.vae):
+        if section.path and "://" not in section.path:
+            section.path = os.path.abspath(section.path)
+    p = cfg.model.pretrained
+    if p and "://" not in p:
+        cfg.model.pretrained = os.path.abspath(p)
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` goes on from: last.ckpt, or, when that link is missing or
+    dangling (a run dir copied without it, its checkpoint deleted by hand), the newest
+    checkpoints/step-*.ckpt -- not a fresh start over the run's checkpoints and rows."""
+    last = run_dir / "last.ckpt"
+    if last.exists():
+        return last
+    found = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+    if found:
+        how = "dangling" if last.is_symlink() else "missing"
+        log.warning("%s is %s: resuming from the newest checkpoint, %s", last, how, found[-1])
+        return found[-1]
+    return None
 
 
 def _train(
@@ -702,6 +738,7 @@ def _train(
     total_steps = steps if steps is not None else tc.steps
     run_dir = Path(output)
     check_fresh_run(run_dir, resume)  # every rank, before any collective: all raise alike
+    absolute_weight_paths(cfg)
     rank, world, device, own_group = setup_distributed()
     is_main = rank == 0
     if is_main:
@@ -762,17 +799,22 @@ def _train(
     val_set = []  # this rank's held-out batches, encoded once
     if tc.val_every:
         check_validation(cfg)
-        val_set = validation_set(cfg, text_encoder, vae, alphas, device, rank, world)
+        try:
+            val_set = validation_set(cfg, text_encoder, vae, alphas, device, rank, world)
+        except NoClipsError as e:  # say which shards: the error alone reads like --shards'
+            raise NoClipsError(f"--val-shards / data.val_shards: {e}") from None
         log.info("validation every %d steps on %d batch(es) of %s", tc.val_every,
                  len(val_set), cfg.data.val_shards)  # fmt: skip
+    elif cfg.data.val_shards and is_main:
+        log.warning("held-out shards given but train.val_every is 0: no validation")
     stream = StreamState(cfg.data)
     step = 0
     # steps skipped for non-finite gradients: in all (kept in checkpoints), and in a row now;
     # device tensors, read only when a metrics row is written
     nonfinite_steps = torch.zeros((), device=device)
     nonfinite_run = torch.zeros((), device=device)
-    last = run_dir / "last.ckpt"
-    if resume and last.exists():
+    last = resume_checkpoint(run_dir) if resume else None
+    if last is not None:
         ckpt = load_checkpoint(last)
         check_same_unet(resolved_config(ckpt), cfg, last)
         unet.load_state_dict(ckpt["model"])
@@ -782,15 +824,15 @@ def _train(
         step = ckpt["step"]
         nonfinite_steps.fill_(ckpt.get("nonfinite_steps", 0))
         data_state = ckpt["data"][rank] if rank < len(ckpt["data"]) else {}
+        dataset.load_state(data_state)  # refuses another worker count (the split differs)
         stream = StreamState(cfg.data, data_state)
-        dataset.load_state(stream.state_dict())
         set_rng_state(ckpt["rng"][rank], gen)
         lay_out_like_params(unet, ema, optimizer)  # a run resumed with another layout
         log.info("resumed from %s at step %d", last, step)
         if is_main:
             trim_metrics(run_dir / "metrics.jsonl", step)
     elif resume:  # a restart before the first checkpoint drops the rows of the lost steps
-        log.info("no %s yet: starting from scratch", last)
+        log.info("no checkpoint in %s yet: starting from scratch", run_dir)
         if is_main:
             trim_metrics(run_dir / "metrics.jsonl", step)
     if is_main:
@@ -818,7 +860,7 @@ def _train(
                          ignore_sigterm=preempt.installed)  # fmt: skip
     batches = iter(loader)
     cleanup.callback(stop_workers, batches)  # however the run ends (they ignore SIGTERM)
-    metrics = Metrics(run_dir, is_main)
+    metrics = Metrics(run_dir, is_main, step)
 
     def checkpoint_payload() -> dict[str, Any]:
         data_states: list[Any] = [stream.state_dict()]

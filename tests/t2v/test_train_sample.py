@@ -105,6 +105,109 @@ def test_resume_matches_uninterrupted_run(shard_root, tmp_path, monkeypatch, cap
     assert losses(cut) == b and os.readlink(cut / "last.ckpt") == "checkpoints/step-00000004.ckpt"
 
 
+def test_a_run_dir_without_its_link_resumes_from_its_newest_checkpoint(shard_root, tmp_path):
+    """A run dir whose last.ckpt is missing (copied without it) or dangling (its checkpoint
+    deleted) used to start from scratch under --resume, overwriting the run's checkpoints and
+    dropping its metrics; without --resume it was taken as empty. Now --resume goes on from
+    the newest checkpoint left (the same losses as the run that was not interrupted), and a
+    run dir with checkpoints or metrics rows but no link is refused without --resume. The
+    data stream's worker count is part of its state: another one on resume is refused."""
+    import shutil
+
+    def cfg(workers: int = 0) -> T2VConfig:
+        c = micro_cfg(steps=6, ckpt_every=2, keep_checkpoints=5)
+        c.data.num_workers = workers
+        return c
+
+    full = tmp_path / "full"
+    assert main(cfg(), str(shard_root), full) == 0
+    want = losses(full)
+    ckpts = full / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir())[-1] == "step-00000006.ckpt"
+    for case in ("missing", "dangling", "metrics only"):
+        run = tmp_path / case.replace(" ", "_")
+        shutil.copytree(full, run, symlinks=True)
+        (run / "checkpoints" / "step-00000006.ckpt").unlink()  # last.ckpt now dangles
+        if case == "missing":
+            (run / "last.ckpt").unlink()
+        if case == "metrics only":
+            shutil.rmtree(run / "checkpoints")
+            (run / "last.ckpt").unlink()
+        with pytest.raises(ConfigError, match="already holds a run"):
+            main(cfg(), str(shard_root), run)
+        assert losses(run) == want  # untouched
+        kept = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("*.ckpt")}
+        assert main(cfg(), str(shard_root), run, resume=True) == 0
+        # resumed, not started over: the checkpoints before it are the run's own, untouched
+        assert all(p.stat().st_mtime_ns == t for p, t in kept.items()) and len(kept) == (
+            0 if case == "metrics only" else 2
+        )
+        assert losses(run) == want, case  # steps 5-6 (or all six) trained again, the same
+        assert os.readlink(run / "last.ckpt") == "checkpoints/step-00000006.ckpt"
+        assert (run / "checkpoints" / "step-00000004.ckpt").exists()
+    with pytest.raises(ConfigError, match="cannot resume the data stream with 2 workers"):
+        main(cfg(workers=2), str(shard_root), full, steps=8, resume=True)
+
+
+def test_validation_shards_without_a_usable_clip_are_named(shard_root, tmp_path):
+    """The held-out shards' NoClipsError says they are --val-shards (it read like --shards')."""
+    from hdvg.t2v.data import NoClipsError
+    from tests.t2v.test_data import bad_shards
+
+    cfg = micro_cfg(steps=2, val_every=1)
+    cfg.data.num_workers = 0
+    cfg.data.val_shards = str(bad_shards(tmp_path / "bad"))
+    with pytest.raises(NoClipsError, match=r"^--val-shards / data.val_shards: .*no usable clip"):
+        main(cfg, str(shard_root), tmp_path / "run")
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "ckpt_every", 0), ("train", "log_every", 0), ("train", "keep_checkpoints", 0),
+    ("train", "lr", -1.0), ("train", "ema_decay", 2.0), ("train", "cfg_dropout", 2.0),
+    ("data", "batch_size", 0), ("data", "num_workers", -1), ("data", "shuffle_buffer", 0),
+    ("data", "fps", 0.0), ("sample", "steps", 2000), ("sample", "steps", 0),
+    ("sample", "frames", 0), ("sample", "guidance", float("nan")),
+])  # fmt: skip
+def test_config_values_that_would_fail_later_are_refused_at_load(section, key, value):
+    """Each of these used to pass the config check and fail later with a traceback (a
+    ZeroDivisionError at the first log row, torch's ValueError building the loader, the
+    scheduler's at the first preview hours in) or do harm quietly (keep_checkpoints: -1 left
+    no checkpoint behind a dangling last.ckpt, guidance NaN wrote a garbage video)."""
+    d = tiny_config_dict(**{section: {key: value}})
+    with pytest.raises(ConfigError, match=f"{section}.*{key}|{key}"):
+        from_dict(T2VConfig, d)
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", str(2**70)), ("--guidance", "nan"),
+                                        ("--guidance", "inf")])  # fmt: skip
+def test_sample_seed_and_guidance_are_checked(flag, value, capsys):
+    from hdvg.t2v.cli import main as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["sample", "--ckpt", "c", "--prompt", "p", "--out", "o.mp4", flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_tensorboard_drops_the_steps_a_killed_run_logged_after_its_checkpoint(shard_root, tmp_path):
+    """As metrics.jsonl drops a killed run's rows after its last checkpoint, TensorBoard's
+    events do: a reader shows each step once (steps 3 and 4 were there twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = micro_cfg(steps=4, ckpt_every=2, keep_checkpoints=5)
+    cfg.data.num_workers = 0
+    run = tmp_path / "run"
+    assert main(cfg, str(shard_root), run) == 0
+    (run / "checkpoints" / "step-00000004.ckpt").unlink()  # "killed" after step 4's rows
+    (run / "last.ckpt").unlink()
+    (run / "last.ckpt").symlink_to("checkpoints/step-00000002.ckpt")
+    assert main(cfg, str(shard_root), run, resume=True) == 0
+    assert len(list((run / "tb").iterdir())) == 2  # the killed run's events file, and ours
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == [1, 2, 3, 4], steps
+
+
 def test_channels_last_training_matches_and_resumes_across_layouts(shard_root, tmp_path):
     """train.channels_last: NHWC weights and inputs train to the NCHW run's losses (up to the
     conv kernels' summation order); checkpoints hold NHWC weights; a run resumed with the
@@ -492,6 +595,26 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(shard_root, tmp_path):
     assert sorted(losses(run)) == list(range(1, stopped + 3))
 
 
+def test_validation_with_loader_workers(shard_root, two_clips, tmp_path):
+    """train.val_every with loader worker processes: the held-out clips are decoded in the
+    trainer's process before the workers start, and a worker forked from it inherited
+    FFmpeg's scaler threads in a locked state: the first batch never came (forever, and
+    SIGTERM was ignored). Workers now start from a clean process (forkserver)."""
+    cfg_path = tmp_path / "tiny.yaml"
+    d = tiny_config_dict(model={"preset": "tiny", "unet": MICRO_UNET}, data={"num_workers": 1},
+                         train={"steps": 2, "ckpt_every": 2, "val_every": 2, "val_batches": 1})  # fmt: skip
+    cfg_path.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hdvg.t2v.cli", "train", str(cfg_path), "--shards",
+           str(shard_root), "--val-shards", str(two_clips), "--output", str(run)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       start_new_session=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1]
+
+
 def test_metrics_rows_are_read_after_the_next_step_is_queued(shard_root, tmp_path, monkeypatch):
     """A step's row (its loss read from the device) is written once the next step's work is
     queued, so the GPU never drains between steps for logging; a checkpoint step and the
@@ -563,6 +686,23 @@ def trained(shard_root, tmp_path_factory) -> Path:
 def decode(path: Path) -> np.ndarray:
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_the_same_frames_encode_to_the_same_bytes_every_time(tmp_path):
+    """The sampler's mp4 is the same file for the same seed: x264's macroblock-tree rate
+    control wrote other bytes for the same 32x32 frames from one encoding to the next (4
+    different files in 40 encodings, 3 in 5 processes; these are frames the tiny model
+    sampled), so it is off."""
+    import hashlib
+
+    from hdvg.t2v.sample import write_mp4
+
+    frames = np.load(ROOT / "tests" / "data" / "sample_32px_frames.npz")["frames"]
+    digests = set()
+    for i in range(30):
+        write_mp4(frames, tmp_path / f"{i}.mp4", 4.0)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.mp4").read_bytes()).hexdigest())
+    assert len(digests) == 1, len(digests)
 
 
 def test_sampler_writes_decodable_mp4_same_for_same_seed(trained, tmp_path):
@@ -776,8 +916,14 @@ def test_cli_shards_without_usable_clips_exit_2_with_one_line(tmp_path, capsys):
     # alive, the interpreter's exit would SIGTERM it and wait on it forever
     import psutil
 
-    me = psutil.Process()  # forked loader workers share its command line (Ray's do not)
-    assert [c for c in me.children() if c.is_running() and c.cmdline() == me.cmdline()] == []
+    def alive(ps):
+        return [c for c in ps if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    me = psutil.Process()  # loader workers are children of the forkserver, a child of ours
+    helpers = [c for c in alive(me.children()) if "multiprocessing." in " ".join(c.cmdline())]
+    assert any("forkserver" in " ".join(c.cmdline()) for c in helpers)  # the workers' parent
+    left = [c for h in helpers for c in alive(h.children())]  # its children: loader workers
+    assert left == [], [c.cmdline() for c in left]
 
 
 @pytest.mark.parametrize("flag", ["--frames", "--steps"])
@@ -822,6 +968,29 @@ def test_cli_bad_output_or_device_exit_2_before_any_work(trained, tmp_path, caps
     assert cli(["train", str(cfg_path), "--shards", "x", "--output", str(a_file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"hdvg train: --output {a_file} is a file, not a run dir"]
+
+
+def test_checkpoints_name_weights_by_absolute_path(shard_root, tiny_vae_dir, tmp_path,
+                                                   monkeypatch):  # fmt: skip
+    """A config's relative weight path (`vae.path: weights/vae`, as t2v-base.yaml's) is
+    resolved from the directory training starts in and recorded absolute, so `hdvg sample`
+    finds the weights from anywhere (it looked for weights/... where it ran)."""
+    import shutil
+
+    from hdvg.t2v.sample import load_for_sampling
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_vae_dir, work / "weights" / "tiny_vae")
+    monkeypatch.chdir(work)
+    cfg = micro_cfg(steps=1, ckpt_every=1)
+    cfg.data.num_workers = 0
+    cfg.vae.path, cfg.vae.random_init = "weights/tiny_vae", None
+    assert main(cfg, str(shard_root), tmp_path / "run") == 0
+    recorded = load_checkpoint(tmp_path / "run" / "last.ckpt")["config"]["vae"]["path"]
+    assert recorded == str(work / "weights" / "tiny_vae")
+    monkeypatch.chdir(tmp_path)
+    c, *_ = load_for_sampling(tmp_path / "run" / "last.ckpt", torch.device("cpu"))
+    assert c.vae.path == recorded
 
 
 def test_register_adds_train_and_sample():
