@@ -177,6 +177,8 @@ def remux_clips(src: str, plans: list[CutPlan], scenes: SceneResult, cfg: CutCon
     import av
 
     out: list[bytes | None] = [None] * len(plans)
+    if not any(p.method == "copy" for p in plans):  # no pass over the file for nothing
+        return out
     try:
         ranges = _ranges(src, plans, scenes)
     except av.error.FFmpegError:
