@@ -608,9 +608,15 @@ def test_validation_with_loader_workers(shard_root, two_clips, tmp_path):
     cmd = [sys.executable, "-m", "hdvg.t2v.cli", "train", str(cfg_path), "--shards",
            str(shard_root), "--val-shards", str(two_clips), "--output", str(run)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                       start_new_session=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # the hang: stop the trainer and its loader worker
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1]
 
