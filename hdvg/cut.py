@@ -109,17 +109,15 @@ def _args(src: str, plan: CutPlan, scenes: SceneResult, cfg: CutConfig) -> tuple
     else:  # inexact seeking: seek well before, then drop frames up to the start on output
         inp = (["-ss", f"{plan.seek_s:.6f}"] if plan.seek_s > 0 else []) + ["-i", src]
         skip = ["-ss", f"{max(start - plan.seek_s, 0):.6f}"] if start > plan.seek_s else []
-    nframes = plan.end_frame - plan.start_frame
     vf = list(plan.filters)
     if cfg.fps:
         vf.append(f"fps={cfg.fps}")
-        nframes = max(1, round((plan.end_s - plan.start_s) * cfg.fps))
     if cfg.short_side:
         s = cfg.short_side
         vf.append(f"scale='if(gt(iw,ih),-2,{s})':'if(gt(iw,ih),{s},-2)'")
     # audio (cut.keep_audio, when the source has any): AAC, cut to the clip's duration
     audio = ["-c:a", "aac", "-t", f"{plan.end_s - plan.start_s:.6f}"] if cfg.keep_audio else ["-an"]
-    out = [*skip, *audio, "-frames:v", str(nframes)]
+    out = [*skip, *audio, "-frames:v", str(expected_frames(plan, cfg))]
     out += ["-vf", ",".join(vf)] if vf else []
     out += [] if cfg.fps else ["-fps_mode", "passthrough"]  # every source frame, none added
     out += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf),
